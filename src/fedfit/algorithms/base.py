@@ -1,0 +1,194 @@
+"""The Algorithm protocol, the objects that cross it, and the shared pure functions.
+
+An algorithm is four hooks (DESIGN.md): ``init`` builds the server state, ``configure`` says
+what one client gets this round, ``client_update`` trains on one client's shard and returns
+the payload that would cross the network, ``aggregate`` folds the round's updates into the
+new server state. ``prepare`` runs once per run to mark what is trainable (or wrap the model
+with PEFT). Algorithms never touch engine internals: the engine hands them the one shared
+model and a ``ClientContext``; everything random in a client step derives from
+``ClientTask.seed``, itself derived from (run seed, round, client id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from fedfit.compress import Payload
+from fedfit.config import ServerConfig, TrainConfig
+from fedfit.data import collate
+
+
+@dataclass
+class ClientData:
+    """One client's shard: unpadded token ids (and labels for classification)."""
+
+    client_id: int
+    seqs: list[np.ndarray]
+    labels: np.ndarray | None
+    pad_id: int
+    lm: bool
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def batch(self, index: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Collate examples ``index``, padded to the longest of them (no wasted padding)."""
+        labels = None if self.labels is None else [int(self.labels[i]) for i in index]
+        return collate([self.seqs[i] for i in index], self.pad_id, labels=labels, lm=self.lm)
+
+
+@dataclass
+class ServerState:
+    """Global state: trainable tensors, server-optimiser state, method extras."""
+
+    round: int
+    params: dict[str, torch.Tensor]
+    opt_state: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClientTask:
+    """What the server sends one client: its download payload and a seed for its randomness."""
+
+    client_id: int
+    round: int
+    seed: int
+    download: Payload
+
+
+@dataclass
+class Update:
+    """What one client sends back. ``payload`` is exactly what crosses the network."""
+
+    client_id: int
+    payload: Payload
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class StepMeter(Protocol):
+    """Runs a client's training steps and records their measured cost (engine/meter.py)."""
+
+    def train_step(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]
+    ) -> float: ...
+
+
+@dataclass
+class ClientContext:
+    train: TrainConfig
+    meter: StepMeter
+
+
+class Algorithm(Protocol):
+    name: str
+
+    def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module: ...
+    def init(self, model: torch.nn.Module) -> ServerState: ...
+    def configure(self, state: ServerState, client_id: int, seed: int) -> ClientTask: ...
+    def client_update(
+        self, model: torch.nn.Module, task: ClientTask, shard: ClientData, ctx: ClientContext
+    ) -> Update: ...
+    def aggregate(self, state: ServerState, updates: Sequence[Update]) -> ServerState: ...
+
+
+# ---------------------------------------------------------------- shared pure functions
+
+
+def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of the parameters that require grad, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_tensors_(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` into the model's parameters of the same names, in place."""
+    params = dict(model.named_parameters())
+    missing = [n for n in tensors if n not in params]
+    if missing:
+        raise KeyError(f"payload names not in the model: {missing[:3]}")
+    for name, value in tensors.items():
+        params[name].copy_(value)
+
+
+def weighted_mean(
+    payloads: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """Per-tensor weighted mean over the payloads that hold that tensor.
+
+    A tensor missing from some payloads is averaged over the ones that have it, with their
+    weights renormalised (layer-wise averaging, DESIGN.md).
+    """
+    sums: dict[str, torch.Tensor] = {}
+    totals: dict[str, float] = {}
+    for payload, w in zip(payloads, weights, strict=True):
+        for name, t in payload.items():
+            t = t.to(torch.float64) * w
+            sums[name] = sums[name] + t if name in sums else t
+            totals[name] = totals.get(name, 0.0) + w
+    return {n: s / totals[n] for n, s in sums.items()}
+
+
+def apply_server_update(
+    state: ServerState, target: Mapping[str, torch.Tensor], server: ServerConfig
+) -> ServerState:
+    """Move the global tensors towards ``target`` with the server optimiser (pseudo-gradient)."""
+    from fedfit.server_opt import server_step
+
+    delta = {n: t - state.params[n].to(t.dtype) for n, t in target.items()}
+    params, opt_state = server_step(state.params, delta, state.opt_state, server)
+    params = {n: p.to(state.params[n].dtype) for n, p in params.items()}
+    return ServerState(state.round + 1, params, opt_state, dict(state.extra))
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
+    """The client optimiser named in the config, fresh for each client update."""
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def batch_indices(num_examples: int, train: TrainConfig, seed: int) -> Iterator[np.ndarray]:
+    """The client's minibatches: ``local_steps`` batches, or ``local_epochs`` passes.
+
+    Examples are drawn without replacement from a fresh seeded permutation each epoch; a
+    client with fewer examples than the batch size uses all of them per batch.
+    """
+    rng = np.random.default_rng(seed)
+    size = min(train.batch_size, num_examples)
+    per_epoch = max(1, num_examples // size)
+    steps = train.local_steps or max(1, round(train.local_epochs * per_epoch))
+    order = rng.permutation(num_examples)
+    cursor = 0
+    for _ in range(steps):
+        if cursor + size > num_examples:
+            order, cursor = rng.permutation(num_examples), 0
+        yield order[cursor : cursor + size]
+        cursor += size
+
+
+def local_train(
+    model: torch.nn.Module, shard: ClientData, ctx: ClientContext, seed: int
+) -> dict[str, float]:
+    """Local training of the model's trainable parameters on one shard (backprop).
+
+    Dropout draws from torch's global generator, which is seeded from ``seed`` so that the
+    same (run seed, round, client) always gives the same update.
+    """
+    torch.manual_seed(seed)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, ctx.train)
+    losses = [
+        ctx.meter.train_step(model, optimizer, shard.batch(index))
+        for index in batch_indices(len(shard), ctx.train, seed)
+    ]
+    return {"train_loss": float(np.mean(losses)), "steps": float(len(losses))}

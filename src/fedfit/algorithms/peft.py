@@ -1,0 +1,146 @@
+"""Parameter-efficient baselines: LoRA and IA3 through peft, BitFit and head-only by hand.
+
+All four are FedAvg over the trainable tensors only (backprop.FedAvg): the frozen backbone
+never crosses the network, so upload and download are the adapters plus the task head.
+
+- lora  (Hu et al. 2022): low-rank A, B on the target projections; peft's LoraConfig.
+- ia3   (Liu et al. 2022): learned rescaling vectors; peft's IA3Config with peft's default
+        target modules for the architecture unless given.
+- bitfit (Ben Zaken et al. 2022): every bias (attention, MLP, LayerNorm) plus the head;
+        peft has no BitFit, so it is requires_grad on parameters named ``*.bias``.
+- head: the task head alone (classifier / score; for causal LM the output projection, which
+        SmolLM2 ties to the input embeddings, so that matrix is trained).
+
+For classification the randomly initialised head is always trained (peft's SEQ_CLS task type
+adds it to ``modules_to_save``); for causal LM nothing but the adapters is trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from peft import IA3Config, LoraConfig, TaskType, get_peft_model
+
+from fedfit.algorithms.backprop import FedAvg
+from fedfit.algorithms.registry import register
+
+HEAD_NAMES = ("classifier", "score")
+
+_LORA_TARGETS = {"bert": ("query", "value"), "llama": ("q_proj", "v_proj")}
+
+
+def _task_type(task: str) -> TaskType:
+    return TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM
+
+
+def _head_modules(model: torch.nn.Module, task: str) -> list[torch.nn.Module]:
+    if task == "lm":
+        head = model.get_output_embeddings()
+        return [head] if head is not None else []
+    return [getattr(model, n) for n in HEAD_NAMES if hasattr(model, n)]
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    r: int = field(default=8, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (alpha / r)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    target_modules: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "module names to adapt; empty = query/value (q_proj/v_proj)"},
+    )
+
+    def __post_init__(self) -> None:
+        from fedfit.config import ConfigError
+
+        if self.r < 1:
+            raise ConfigError("method.r: must be >= 1")
+        if self.alpha <= 0:
+            raise ConfigError("method.alpha: must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("method.dropout: must be in [0, 1)")
+
+
+class LoRA(FedAvg):
+    name = "lora"
+
+    def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
+        opts: LoraOptions = self.options  # type: ignore[assignment]
+        family = model.config.model_type
+        targets = opts.target_modules or _LORA_TARGETS.get(family)
+        if not targets:
+            raise ValueError(f"lora: no default target modules for {family!r}; set target_modules")
+        config = LoraConfig(
+            task_type=_task_type(task),
+            r=opts.r,
+            lora_alpha=opts.alpha,
+            lora_dropout=opts.dropout,
+            target_modules=list(targets),
+        )
+        return get_peft_model(model, config)
+
+
+@dataclass(frozen=True)
+class IA3Options:
+    target_modules: tuple[str, ...] = field(
+        default=(), metadata={"help": "modules to rescale; empty = peft's default for the model"}
+    )
+    feedforward_modules: tuple[str, ...] = field(
+        default=(), metadata={"help": "of those, the ones rescaled on their input"}
+    )
+
+
+class IA3(FedAvg):
+    name = "ia3"
+
+    def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
+        opts: IA3Options = self.options  # type: ignore[assignment]
+        config = IA3Config(
+            task_type=_task_type(task),
+            target_modules=list(opts.target_modules) or None,
+            feedforward_modules=list(opts.feedforward_modules) or None,
+        )
+        return get_peft_model(model, config)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """This method has no options."""
+
+
+class BitFit(FedAvg):
+    name = "bitfit"
+
+    def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
+        model.requires_grad_(False)
+        biases = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+        if not biases:
+            raise ValueError(
+                f"bitfit: {type(model).__name__} has no bias parameters to train "
+                "(Llama-family models have none); choose lora, ia3 or head"
+            )
+        for p in biases:
+            p.requires_grad_(True)
+        for module in _head_modules(model, task):
+            module.requires_grad_(True)
+        return model
+
+
+class Head(FedAvg):
+    name = "head"
+
+    def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
+        model.requires_grad_(False)
+        heads = _head_modules(model, task)
+        if not heads:
+            raise ValueError(f"head: cannot find the task head of {type(model).__name__}")
+        for module in heads:
+            module.requires_grad_(True)
+        return model
+
+
+register("lora", LoraOptions, "LoRA adapters (peft) + task head; only those are sent")(LoRA)
+register("ia3", IA3Options, "IA3 rescaling vectors (peft) + task head")(IA3)
+register("bitfit", NoOptions, "BitFit: all bias terms + task head")(BitFit)
+register("head", NoOptions, "Only the task head is trained and sent")(Head)

@@ -1,0 +1,239 @@
+"""``fedfit`` command line: run | central | report | compare | methods | models | data."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+
+EPILOG = "Config keys: see examples/default.toml; every key can be overridden with --set."
+
+
+def _progress_bar(label: str) -> tuple[Progress, Any]:
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("round {task.completed}/{task.total}"),
+        TextColumn("{task.fields[metric]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    task_id = bar.add_task(label, total=None, metric="")
+
+    def update(round_: int, total: int, ev: dict[str, Any] | None) -> None:
+        metric = None
+        if ev:
+            metric = (
+                f"acc {ev['accuracy']:.3f}" if "accuracy" in ev else f"ppl {ev['perplexity']:.2f}"
+            )
+        fields = {"metric": metric} if metric else {}
+        bar.update(task_id, completed=round_, total=total, **fields)
+
+    return bar, update
+
+
+def _final_line(run_dir: Path) -> None:
+    import json
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    final = summary.get("final") or {}
+    if "accuracy" in final:
+        base = summary.get("majority_baseline")
+        console.print(
+            f"[bold green]final accuracy {final['accuracy']:.4f}[/] "
+            f"(majority-class baseline {base:.4f}) after {summary['rounds_completed']} rounds, "
+            f"{summary['wall_s']:.0f} s"
+        )
+    elif "perplexity" in final:
+        console.print(f"[bold green]final perplexity {final['perplexity']:.2f}[/]")
+    console.print(f"results in {run_dir}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedfit.config import load_config
+    from fedfit.engine.local import resume_run, run
+
+    if args.resume:
+        if args.config or args.set:
+            raise SystemExit("--resume takes the run folder's own config; drop CONFIG and --set")
+        bar, update = _progress_bar(f"resume {Path(args.resume).name}")
+        with bar:
+            run_dir = resume_run(args.resume, progress=update)
+    else:
+        config = load_config(args.config, args.set)
+        bar, update = _progress_bar(f"{config.method.name} on {config.data.name}")
+        with bar:
+            run_dir = run(config, overwrite=args.overwrite, progress=update)
+    _final_line(run_dir)
+    if args.central:
+        return _central(run_dir / "config.toml", [], overwrite=args.overwrite)
+    return 0
+
+
+def _central(config_path: str | Path | None, overrides: Sequence[str], overwrite: bool) -> int:
+    from fedfit.config import load_config
+    from fedfit.engine.central import run_central
+
+    config = load_config(config_path, overrides)
+    bar, update = _progress_bar(f"central {config.method.name} on {config.data.name}")
+    with bar:
+        run_dir = run_central(config, overwrite=overwrite, progress=update)
+    _final_line(run_dir)
+    return 0
+
+
+def cmd_central(args: argparse.Namespace) -> int:
+    return _central(args.config, args.set, args.overwrite)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedfit.report import print_report
+
+    print_report(args.run)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedfit.report import compare_runs
+
+    out = Path(args.out)
+    for path in compare_runs(args.runs, out):
+        console.print(f"wrote {path}")
+    return 0
+
+
+def _options_text(options_cls: type) -> str:
+    parts = [
+        f"{f.name}={f.default!r}"
+        for f in dataclasses.fields(options_cls)
+        if f.default is not dataclasses.MISSING
+    ]
+    return ", ".join(parts) or "-"
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from fedfit.algorithms import ALGORITHMS
+
+    table = Table(title="fedfit methods ([method] name = ...)")
+    for col in ("name", "description", "options (defaults)"):
+        table.add_column(col)
+    for name in sorted(ALGORITHMS):
+        entry = ALGORITHMS[name]
+        table.add_row(name, entry.description, _options_text(entry.options))
+    Console().print(table)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from fedfit.models import list_models
+
+    table = Table(title="fedfit model zoo ([model] name = ...)")
+    for col in ("name", "family", "tasks", "layers", "hidden", "params", "source"):
+        table.add_column(col)
+    for m in list_models():
+        table.add_row(
+            m.name, m.family, ", ".join(m.tasks), str(m.num_layers), str(m.hidden_size),
+            f"{m.num_params / 1e6:.1f}M", m.source,
+        )
+    Console().print(table)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from fedfit.data import list_datasets, load_dataset
+
+    table = Table(title="fedfit datasets ([data] name = ...)")
+    for col in ("name", "task", "train", "test", "labels / groups", "source"):
+        table.add_column(col)
+    for info in list_datasets():
+        try:
+            ds = load_dataset(info.name)
+        except Exception as err:  # a missing package: show how to get it, keep listing
+            table.add_row(info.name, info.task, "-", "-", f"[red]{err}[/]", info.install)
+            continue
+        if ds.train_labels is not None:
+            counts = Counter(ds.train_labels)
+            detail = ", ".join(f"{ds.label_names[k]} {counts[k]}" for k in sorted(counts))
+        else:
+            detail = f"{len(set(ds.train_groups or []))} groups"
+        table.add_row(
+            info.name, info.task, str(len(ds.train_texts)), str(len(ds.test_texts)), detail,
+            info.source,
+        )
+    Console().print(table)
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="TOML config (defaults when omitted)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=1e-3 (repeatable)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="fedfit", description="Federated fine-tuning of language models on small devices.",
+        epilog=EPILOG,
+    )
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a federated experiment", epilog=EPILOG)
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its folder")
+    p.add_argument(
+        "--central", action="store_true",
+        help="afterwards, also run the centralised reference with the same step budget",
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "central", help="centralised reference: pooled data, same model and step budget",
+        epilog=EPILOG,
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_central)
+
+    p = sub.add_parser("report", help="print a run's table and redraw its plots")
+    p.add_argument("run", help="run folder, e.g. runs/default")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="overlay several runs in one plot")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--out", default="runs/compare", help="folder for the plots")
+    p.set_defaults(func=cmd_compare)
+
+    sub.add_parser("methods", help="list the methods").set_defaults(func=cmd_methods)
+    sub.add_parser("models", help="list the model zoo").set_defaults(func=cmd_models)
+    sub.add_parser("data", help="list the datasets").set_defaults(func=cmd_data)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fedfit.config import ConfigError
+
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+        console.print(f"[bold red]error:[/] {err}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

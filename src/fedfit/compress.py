@@ -1,0 +1,33 @@
+"""Payloads on the wire: (de)serialisation, and the byte counts reported as upload/download.
+
+A payload is a flat ``{name: tensor}`` dict: model tensors for backprop methods, only the
+trained tensors for PEFT or layer methods, small tensors of seeds and scalars for seed-based
+zero-order methods. It is serialised with safetensors (an 8-byte header length, a JSON header
+naming dtype/shape/offsets, then the raw little-endian data), so the reported byte count is
+the real size of what would cross the network, header included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from safetensors.torch import load as _load
+from safetensors.torch import save as _save
+
+Payload = dict[str, torch.Tensor]
+
+
+def serialize(payload: Mapping[str, torch.Tensor]) -> bytes:
+    """The bytes of ``payload`` on the wire (tensors made contiguous, moved to CPU)."""
+    return _save({k: v.detach().to("cpu").contiguous() for k, v in payload.items()})
+
+
+def deserialize(data: bytes) -> Payload:
+    """Inverse of ``serialize``."""
+    return dict(_load(data))
+
+
+def payload_bytes(payload: Mapping[str, torch.Tensor]) -> int:
+    """Size in bytes of the serialised payload."""
+    return len(serialize(payload))

@@ -1,0 +1,270 @@
+"""The in-process executor (default): one model, clients run one after another.
+
+Per round: sample K clients (seeded by run seed and round), for each client ``configure`` ->
+``client_update`` on the shared model -> the payload goes through real serialisation (its
+byte count is the upload, and the server only ever sees the deserialised copy) ->
+``aggregate``. Evaluation every ``run.eval_every`` rounds and at the last round.
+
+Run folder (``runs/NAME/``): config.toml (resolved), rounds.jsonl (one line per round, only
+deterministic content, so two runs with the same seed write identical files), clients.jsonl
+(per client per round: measured FLOPs, peak memory by category, bytes up/down, wall time),
+timing.jsonl (wall times per round), checkpoint.pt (server state after the last finished
+round, written atomically), summary.json, plots/.
+
+Resume: everything random derives from (seed, round, client), so restarting from the
+checkpoint of round r and running r+1.. gives the same rounds as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedfit.algorithms.base import ClientContext, ServerState, Update, load_tensors_
+from fedfit.compress import deserialize, payload_bytes, serialize
+from fedfit.config import Config, load_config, to_toml
+from fedfit.engine.meter import CostMeter
+from fedfit.engine.setup import RunSetup, build, derive_seed, evaluate, log, majority_baseline
+
+ProgressFn = Callable[[int, int, dict[str, Any] | None], None]
+
+
+class RunExistsError(FileExistsError):
+    pass
+
+
+def sample_clients(seed: int, round_: int, num_clients: int, per_round: int) -> list[int]:
+    """The round's clients: a seeded sample without replacement, in increasing id order."""
+    rng = np.random.default_rng([seed, round_])
+    return sorted(int(c) for c in rng.choice(num_clients, per_round, replace=False))
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def _truncate_jsonl(path: Path, last_round: int) -> None:
+    """Drop rows of rounds after the checkpoint (a run killed between log and checkpoint)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if json.loads(r)["round"] <= last_round]
+    path.write_text("".join(r + "\n" for r in kept))
+
+
+def save_checkpoint(run_dir: Path, state: ServerState, extra: dict[str, Any]) -> None:
+    tmp = run_dir / "checkpoint.pt.tmp"
+    torch.save({"state": state.__dict__, **extra}, tmp)
+    os.replace(tmp, run_dir / "checkpoint.pt")
+
+
+def load_checkpoint(run_dir: Path) -> tuple[ServerState, dict[str, Any]]:
+    data = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    return ServerState(**data.pop("state")), data
+
+
+def run_round(
+    setup: RunSetup, state: ServerState, round_: int, meter: CostMeter
+) -> tuple[ServerState, list[dict[str, Any]], dict[str, Any]]:
+    """One federated round; returns the new state, per-client rows and the round row."""
+    cfg = setup.config
+    ctx = ClientContext(train=cfg.train, meter=meter)
+    clients = sample_clients(cfg.run.seed, round_, cfg.data.num_clients, cfg.data.clients_per_round)
+    updates: list[Update] = []
+    client_rows = []
+    download_sizes: dict[int, int] = {}
+    for cid in clients:
+        task = setup.algorithm.configure(state, cid, derive_seed(cfg.run.seed, round_, cid))
+        # Identical downloads (the same global tensors) are serialised once per round.
+        key = id(task.download)
+        if key not in download_sizes:
+            download_sizes[key] = payload_bytes(task.download)
+        meter.start_client()
+        t0 = time.perf_counter()
+        update = setup.algorithm.client_update(setup.model, task, setup.shards[cid], ctx)
+        wall = time.perf_counter() - t0
+        wire = serialize(update.payload)
+        update.payload = deserialize(wire)
+        updates.append(update)
+        memory = meter.memory.as_dict() if meter.memory else {}
+        client_rows.append(
+            {
+                "round": round_,
+                "client_id": cid,
+                "num_examples": update.num_examples,
+                "steps": int(update.metrics.get("steps", 0)),
+                "train_loss": update.metrics.get("train_loss"),
+                "upload_bytes": len(wire),
+                "download_bytes": download_sizes[key],
+                "flops": meter.flops,
+                "peak_memory_bytes": memory.get("peak_bytes"),
+                "memory": memory,
+                "wall_s": round(wall, 4),
+            }
+        )
+    new_state = setup.algorithm.aggregate(state, updates)
+    weights = np.array([u.num_examples for u in updates], dtype=float)
+    losses = np.array([u.metrics.get("train_loss", np.nan) for u in updates])
+    round_row = {
+        "round": round_,
+        "clients": clients,
+        "num_clients": len(clients),
+        "train_loss": float(np.sum(weights * losses) / weights.sum()),
+        "upload_bytes": sum(r["upload_bytes"] for r in client_rows),
+        "download_bytes": sum(r["download_bytes"] for r in client_rows),
+        "client_flops": sum(r["flops"] for r in client_rows),
+    }
+    return new_state, client_rows, round_row
+
+
+def _summary(setup: RunSetup, rounds: list[dict[str, Any]], clients: list[dict[str, Any]],
+             wall_s: float) -> dict[str, Any]:
+    cfg = setup.config
+    evals = [r for r in rounds if "eval" in r]
+    lm = setup.task == "lm"
+
+    def score(r: dict[str, Any]) -> float:
+        return -r["eval"]["perplexity"] if lm else r["eval"]["accuracy"]
+
+    best = max(evals, key=score) if evals else None
+    trainable = sum(p.numel() for p in setup.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in setup.model.parameters())
+    return {
+        "name": cfg.run.name,
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "dataset": cfg.data.name,
+        "task": setup.task,
+        "server_optimizer": cfg.server.optimizer,
+        "rounds_completed": rounds[-1]["round"] if rounds else 0,
+        "final": evals[-1]["eval"] if evals else None,
+        "best": dict(best["eval"], round=best["round"]) if best else None,
+        "majority_baseline": majority_baseline(setup.test),
+        "wall_s": round(wall_s, 2),
+        "num_clients": cfg.data.num_clients,
+        "excluded_clients": 0,
+        "trainable_params": trainable,
+        "total_params": total,
+        "cum_upload_bytes": sum(r["upload_bytes"] for r in rounds),
+        "cum_client_flops": sum(r["client_flops"] for r in rounds),
+        "per_client": {
+            "peak_memory_bytes_max": max((c["peak_memory_bytes"] or 0) for c in clients)
+            if clients
+            else None,
+            "flops_mean": float(np.mean([c["flops"] for c in clients])) if clients else None,
+            "upload_bytes_mean": float(np.mean([c["upload_bytes"] for c in clients]))
+            if clients
+            else None,
+            "download_bytes_mean": float(np.mean([c["download_bytes"] for c in clients]))
+            if clients
+            else None,
+        },
+    }
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run(
+    config: Config,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+    stop_after: int | None = None,
+    plots: bool = True,
+) -> Path:
+    """Run (or resume) a federated experiment; returns its run folder.
+
+    ``stop_after`` ends the process's work after that round (as if killed), for tests and
+    for running a long experiment in pieces; ``--resume`` continues it.
+    """
+    run_dir = Path(config.run.output_dir) / config.run.name
+    if resume:
+        if not (run_dir / "checkpoint.pt").exists():
+            raise FileNotFoundError(f"{run_dir}: no checkpoint.pt to resume from")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunExistsError(
+                f"{run_dir} already exists: resume it with --resume {run_dir}, pick another "
+                "name with --set run.name=..., or replace it with --overwrite"
+            )
+        for name in ("rounds.jsonl", "clients.jsonl", "timing.jsonl", "summary.json",
+                     "checkpoint.pt"):
+            (run_dir / name).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(to_toml(config))
+
+    t_start = time.perf_counter()
+    setup = build(config)
+    state = setup.algorithm.init(setup.model)
+    wall_before = 0.0
+    if resume:
+        state, extra = load_checkpoint(run_dir)
+        wall_before = float(extra.get("wall_s", 0.0))
+        for name in ("rounds.jsonl", "clients.jsonl", "timing.jsonl"):
+            _truncate_jsonl(run_dir / name, state.round)
+        log(f"resuming {run_dir} after round {state.round}")
+    setup_s = time.perf_counter() - t_start
+
+    meter = CostMeter()
+    last = config.run.rounds if stop_after is None else min(config.run.rounds, stop_after)
+    wall = wall_before + setup_s
+    for round_ in range(state.round + 1, last + 1):
+        t0 = time.perf_counter()
+        state, client_rows, row = run_round(setup, state, round_, meter)
+        train_s = time.perf_counter() - t0
+        eval_s = 0.0
+        if round_ % config.run.eval_every == 0 or round_ == config.run.rounds:
+            t1 = time.perf_counter()
+            load_tensors_(setup.model, state.params)
+            row["eval"] = evaluate(setup.model, setup.test, config.train.eval_batch_size)
+            eval_s = time.perf_counter() - t1
+        wall += train_s + eval_s
+        for c in client_rows:
+            _append(run_dir / "clients.jsonl", c)
+        _append(run_dir / "rounds.jsonl", row)
+        _append(
+            run_dir / "timing.jsonl",
+            {"round": round_, "train_s": round(train_s, 3), "eval_s": round(eval_s, 3),
+             "wall_s": round(wall, 3)},
+        )
+        save_checkpoint(run_dir, state, {"wall_s": wall})
+        if progress:
+            progress(round_, config.run.rounds, row.get("eval"))
+
+    rounds = _read_jsonl(run_dir / "rounds.jsonl")
+    summary = _summary(setup, rounds, _read_jsonl(run_dir / "clients.jsonl"), wall)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if plots and rounds:
+        from fedfit.report import load_run, write_plots
+
+        write_plots(load_run(run_dir))
+    return run_dir
+
+
+def resume_run(run_dir: str | Path, **kwargs: Any) -> Path:
+    """Continue a run from its folder, with the config it was started with."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").exists():
+        raise FileNotFoundError(f"{run_dir}: not a run folder (no config.toml)")
+    config = load_config(run_dir / "config.toml")
+    # The folder may have been moved: resume where it is now.
+    import dataclasses
+
+    config = dataclasses.replace(
+        config,
+        run=dataclasses.replace(config.run, output_dir=str(run_dir.parent), name=run_dir.name),
+    )
+    return run(config, resume=True, **kwargs)

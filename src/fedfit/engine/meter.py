@@ -1,0 +1,57 @@
+"""Per-client cost measurement that the engine hands to algorithms as ``ctx.meter``.
+
+Every training step runs for real; the first step of each batch shape (batch, tokens) in a
+run runs under ``costs.measure_step`` (a storage-counting dispatch mode plus FlopCounterMode),
+and later steps of the same shape reuse that measurement. FLOPs of a step depend only on its
+shapes, and its memory only on its shapes and on the optimiser state (which measure_step
+counts whether or not it already exists), so the cached figures are the measured ones; the
+cache keeps the overhead of the instrumented step to a handful of steps per run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedfit.costs import StepMemory, measure_step
+
+
+def plain_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]
+) -> float:
+    """One backprop step: forward, backward, optimiser step, grads released."""
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+class CostMeter:
+    """Runs a client's steps; accumulates its FLOPs and keeps its largest step's memory."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, ...], tuple[int, StepMemory]] = {}
+        self.start_client()
+
+    def start_client(self) -> None:
+        self.flops = 0
+        self.memory: StepMemory | None = None
+
+    def add_flops(self, flops: int) -> None:
+        """For work outside ``train_step`` that an algorithm counted itself."""
+        self.flops += flops
+
+    def train_step(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]
+    ) -> float:
+        key = tuple(batch["input_ids"].shape)
+        if key in self._cache:
+            loss = plain_step(model, optimizer, batch)
+            flops, memory = self._cache[key]
+        else:
+            loss, memory, flops = measure_step(model, optimizer, batch)
+            self._cache[key] = (flops, memory)
+        self.flops += flops
+        if self.memory is None or memory.peak_bytes > self.memory.peak_bytes:
+            self.memory = memory
+        return loss

@@ -1,0 +1,140 @@
+"""What every executor builds before round 1: model, data shards, held-out set, algorithm.
+
+The model is loaded ONCE and wrapped once by the algorithm's ``prepare``; clients are data
+shards plus seeds, never model copies. Tokenised data comes from the on-disk cache.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedfit.algorithms import make_algorithm
+from fedfit.algorithms.base import Algorithm, ClientData
+from fedfit.config import Config
+from fedfit.data import TextDataset, load_dataset, partition, tokenize
+from fedfit.models import get_model_info, load_model
+
+
+@dataclass
+class RunSetup:
+    config: Config
+    dataset: TextDataset
+    model: torch.nn.Module
+    tokenizer: object
+    algorithm: Algorithm
+    shards: list[ClientData]
+    test: ClientData
+    task: str
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed from (run seed, round, client id, ...): independent streams per tuple."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build(config: Config) -> RunSetup:
+    """Load data and model, partition, tokenise (cached), prepare the algorithm's model."""
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    dataset = load_dataset(config.data.name)
+    task = dataset.task
+    info = get_model_info(config.model.name)
+    if task not in info.tasks:
+        raise ValueError(
+            f"model {info.name!r} does not support the {task!r} task of dataset "
+            f"{dataset.name!r} (it supports {', '.join(info.tasks)})"
+        )
+    model, tokenizer = load_model(
+        config.model.name, task, num_labels=max(2, len(dataset.label_names)), seed=config.run.seed
+    )
+    lm = task == "lm"
+    pad_id = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
+    train_seqs = tokenize(dataset.train_texts, tokenizer, config.model.max_length)
+    test_seqs = tokenize(dataset.test_texts, tokenizer, config.model.max_length)
+    train_labels = None if lm else np.asarray(dataset.train_labels)
+    test_labels = None if lm else np.asarray(dataset.test_labels)
+
+    parts = partition(
+        None if lm else dataset.train_labels,
+        dataset.train_groups,
+        config.data.num_clients,
+        config.data.partition,
+        alpha=config.data.alpha,
+        min_examples=config.data.min_examples,
+        seed=config.run.seed,
+    )
+    if len(parts) != config.data.num_clients:
+        raise ValueError(
+            f"data.num_clients = {config.data.num_clients} but the {config.data.partition} "
+            f"partition of {dataset.name!r} gives {len(parts)} clients"
+        )
+    shards = [
+        ClientData(
+            cid,
+            [train_seqs[i] for i in idx],
+            None if train_labels is None else train_labels[idx],
+            pad_id,
+            lm,
+        )
+        for cid, idx in enumerate(parts)
+    ]
+
+    eval_idx = np.arange(len(test_seqs))
+    if config.data.eval_examples and config.data.eval_examples < len(eval_idx):
+        # A fixed subset (seed 0, not the run seed) so runs with different seeds compare.
+        eval_idx = np.sort(
+            np.random.default_rng(0).choice(len(eval_idx), config.data.eval_examples, replace=False)
+        )
+    test = ClientData(
+        -1,
+        [test_seqs[i] for i in eval_idx],
+        None if test_labels is None else test_labels[eval_idx],
+        pad_id,
+        lm,
+    )
+    algorithm = make_algorithm(config)
+    model = algorithm.prepare(model, task)
+    return RunSetup(config, dataset, model, tokenizer, algorithm, shards, test, task)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: ClientData, batch_size: int) -> dict[str, float]:
+    """Accuracy and mean loss (classification) or token loss and perplexity (LM).
+
+    Examples are batched in order of length so that batches carry almost no padding.
+    """
+    model.eval()
+    order = np.argsort([len(s) for s in data.seqs], kind="stable")
+    loss_sum, count, correct = 0.0, 0, 0
+    for start in range(0, len(order), batch_size):
+        batch = data.batch(order[start : start + batch_size])
+        out = model(**batch)
+        if data.lm:
+            # HF shifts labels inside; .loss is the mean over predicted (non -100) tokens.
+            tokens = int((batch["labels"][:, 1:] != -100).sum())
+            loss_sum += float(out.loss) * tokens
+            count += tokens
+        else:
+            n = len(batch["labels"])
+            loss_sum += float(out.loss) * n
+            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            count += n
+    mean = loss_sum / max(count, 1)
+    if data.lm:
+        return {"loss": mean, "perplexity": float(np.exp(mean)), "num_tokens": count}
+    return {"loss": mean, "accuracy": correct / max(count, 1), "num_examples": count}
+
+
+def majority_baseline(data: ClientData) -> float | None:
+    """Accuracy of always predicting the most common held-out label."""
+    if data.labels is None or len(data.labels) == 0:
+        return None
+    return float(np.bincount(data.labels).max() / len(data.labels))

