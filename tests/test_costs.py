@@ -33,11 +33,11 @@ class SumLoss(nn.Module):
         return SimpleNamespace(loss=self.net(x).sum())
 
 
-def tiny_bert(num_labels: int = 3) -> nn.Module:
+def tiny_bert(num_labels: int = 3, vocab: int = 30522) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(
-        vocab_size=30522,
+        vocab_size=vocab,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -53,7 +53,9 @@ def tiny_bert(num_labels: int = 3) -> nn.Module:
 def tiny_lora_bert() -> nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model
 
-    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value"])
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value"]
+    )
     return get_peft_model(tiny_bert(), config)
 
 
@@ -81,7 +83,8 @@ def test_tracker_counts_new_storage_once_and_subtracts_freed() -> None:
         assert tracker.live_bytes == 100 * 50 * F32
         del x, views
         assert tracker.live_bytes == 0
-        for _ in range(5):  # allocate and free in a loop: live returns to baseline, peak does not grow
+        # allocate and free in a loop: live returns to baseline and the peak does not grow
+        for _ in range(5):
             y = torch.ones(1000) * 2.0  # ones (4,000) and the product (4,000) live at once
             del y
         assert tracker.live_bytes == 0
@@ -240,11 +243,17 @@ def test_jvp_holds_less_activation_memory_than_backprop() -> None:
     print(f"jvp peak {tracker.peak_bytes} vs backprop activations {backprop.activations_bytes}")
 
 
-def test_peak_agrees_with_torch_memtracker_on_full_finetuning() -> None:
+@pytest.mark.parametrize(
+    ("vocab", "batch_size", "seq_len", "peak_in"),
+    [(30522, 8, 64, "optimizer"), (1000, 8, 64, "backward")],
+)
+def test_peak_agrees_with_torch_memtracker_on_full_finetuning(
+    vocab: int, batch_size: int, seq_len: int, peak_in: str
+) -> None:
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    model = tiny_bert()
-    batch = bert_batch(8, 64)
+    model = tiny_bert(vocab=vocab)
+    batch = bert_batch(batch_size, seq_len, vocab)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     measure_step(model, opt, batch)  # both measure the steady state: optimiser state exists
 
@@ -258,7 +267,17 @@ def test_peak_agrees_with_torch_memtracker_on_full_finetuning() -> None:
     # MemTracker also counts the batch itself (its "Other"); measure_step does not
     expected = snapshot["Total"] - storage_bytes(batch.values())
     _, mem, _ = measure_step(model, opt, batch)
-    assert mem.peak_bytes == pytest.approx(expected, rel=0.10)
+    # measured: equal to 8 bytes in both cases. (At 16 x 128 they were 1.1% apart: the module
+    # hooks of FlopCounterMode, active in measure_step only, then held a little more memory.)
+    assert mem.peak_bytes == pytest.approx(expected, rel=0.02)
+    # the two cases exercise different phases: a 30k-token embedding makes Adam's temporaries
+    # the peak; a small vocabulary and a long batch make saved activations the peak
+    fits_in_sum = mem.peak_bytes <= (
+        mem.weights_bytes + mem.grads_bytes + mem.optimizer_bytes + mem.activations_bytes
+    )
+    assert fits_in_sum == (peak_in == "backward")
+    if peak_in == "backward":
+        assert mem.activations_bytes > 0.5 * mem.peak_bytes
 
 
 # --- FLOPs --------------------------------------------------------------------------------
@@ -317,27 +336,38 @@ def _minilm(num_labels: int = 3) -> nn.Module:
 
 
 @pytest.mark.real
-def test_minilm_lora_peak_and_full_flops() -> None:
-    from peft import LoraConfig, TaskType, get_peft_model
-
+def test_minilm_full_step_flops() -> None:
     model = _minilm()
     batch = bert_batch(16, 64)
     _, flops = count_flops(lambda: model(**batch).loss.backward())
-    model.zero_grad(set_to_none=True)
     # OFFLINE.md: MiniLM-L6, 16 x 64, forward + backward of all weights: 67 GFLOP
     assert flops == pytest.approx(67e9, rel=0.05)
 
-    lora = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, target_modules=["query", "value"]))
+
+@pytest.mark.real
+def test_minilm_lora_peak_memory() -> None:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=8, target_modules=["query", "value"])
+    lora = get_peft_model(_minilm(), config)
+    lora.train()  # dropout masks are part of a training step's memory
     opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
-    _, mem, _ = measure_step(lora, opt, bert_batch(8, 64))
-    # OFFLINE.md measured 214 MB for this step with a storage-counting dispatch mode
-    assert 150e6 < mem.peak_bytes < 280e6
-    print(mem)
+    _, small, _ = measure_step(lora, opt, bert_batch(8, 64))
+    _, large, _ = measure_step(lora, opt, bert_batch(32, 128))
+    # OFFLINE.md, measured with a storage-counting dispatch mode: 214 MB (8 x 64), 1030 MB (32 x 128)
+    assert 150e6 < small.peak_bytes < 260e6
+    assert large.peak_bytes == pytest.approx(1030e6, rel=0.10)
+    # activations grow with batch x length (x length again for attention); the rest does not
+    assert large.activations_bytes > 8 * small.activations_bytes
+    assert large.weights_bytes == small.weights_bytes
+    print(f"\n8x64 {small}\n32x128 {large}")
 
 
 @pytest.mark.real
 def test_minilm_measurement_overhead() -> None:
+    """Reports the time of a measured step against a plain one (printed; loose bound only)."""
     model = _minilm()
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     batch = bert_batch(8, 64)
 
@@ -347,11 +377,14 @@ def test_minilm_measurement_overhead() -> None:
         opt.zero_grad(set_to_none=True)
 
     plain_step()  # warm up and create optimiser state
-    t0 = time.perf_counter()
-    plain_step()
-    plain = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    measure_step(model, opt, batch)
-    measured = time.perf_counter() - t0
-    print(f"step {plain:.3f}s, measured step {measured:.3f}s, ratio {measured / plain:.2f}")
-    assert measured < 3 * plain + 0.5
+    plain, measured = [], []
+    for _ in range(3):  # interleaved, best of three: the machine is shared
+        t0 = time.perf_counter()
+        plain_step()
+        plain.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        measure_step(model, opt, batch)
+        measured.append(time.perf_counter() - t0)
+    ratio = min(measured) / min(plain)
+    print(f"\nstep {min(plain):.3f}s, measured step {min(measured):.3f}s, ratio {ratio:.2f}")
+    assert ratio < 4.0

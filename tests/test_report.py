@@ -189,6 +189,9 @@ def test_format_duration(s: float | None, expected: str) -> None:
 def test_log_axis_tick_labels_are_compact_human_units() -> None:
     fmt = report._tick_formatter("B")
     assert [fmt(v) for v in (1e6, 1e7, 2e9, 0)] == ["1 MB", "10 MB", "2 GB", ""]
+    minor = report._tick_formatter("FLOP", frozenset({2, 5}))
+    assert [minor(v) for v in (2e12, 3e12, 5e10)] == ["2 TFLOP", "", "50 GFLOP"]
+    assert report._tick_formatter("", frozenset({3}))(300.0) == "300"  # log perplexity axis
 
 
 # --------------------------------------------------------------------------- loading
@@ -274,6 +277,21 @@ def test_summary_rows_computed_without_summary_json(tmp_path: Path) -> None:
     # Only summary.json knows these; wall time comes from the last round (4 * 20.75 s).
     expected |= {"majority baseline": "n/a", "excluded clients": "n/a", "wall time": "1.4 min"}
     assert rows == expected
+
+
+def test_run_without_evaluations_reports_na(tmp_path: Path) -> None:
+    path = make_run(tmp_path, summary=False)
+    rounds = [json.loads(line) for line in (path / "rounds.jsonl").read_text().splitlines()]
+    (path / "rounds.jsonl").write_text("\n".join(json.dumps(r | {"eval": None}) for r in rounds))
+    run = load_run(path)
+    rows = dict(summary_rows(run))
+    assert (run.task, rows["final loss"], rows["total upload (all clients)"]) == (
+        "unknown",
+        "n/a",
+        "12.0 MB",
+    )
+    ax = plot_metric(run, "upload").axes[0]
+    assert ax.texts[0].get_text() == "no evaluation rounds" and ax.get_xscale() == "linear"
 
 
 def test_best_is_lowest_perplexity_when_computed(tmp_path: Path) -> None:

@@ -107,9 +107,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedfit.report import compare_runs
 
-    out = Path(args.out)
-    for path in compare_runs(args.runs, out):
-        console.print(f"wrote {path}")
+    compare_runs(args.runs, Path(args.out))  # prints the table and the plot paths
     return 0
 
 

@@ -36,7 +36,6 @@ __all__ = [
     "count_flops",
     "measure_step",
     "storage_bytes",
-    "transformer_step_flops",
 ]
 
 # ``torch.tensor(data)`` builds its tensor outside the dispatcher and then hands it to the mode
@@ -103,8 +102,9 @@ class MemoryTracker(TorchDispatchMode):
     reference callback on the storage subtracts it when it is freed, even after the mode exits.
 
     Works for anything eager: frozen parameters, ``no_grad``, ``torch.func.jvp`` (dual tensors
-    without a data pointer are skipped), peft models. Not seen: memory allocated outside the
-    dispatcher (``torch.from_numpy``), and growth of a *pre-existing* storage by ``resize_``.
+    without a data pointer are skipped), peft models. Not seen: scratch memory a kernel
+    allocates and frees inside one aten op, memory allocated outside the dispatcher
+    (``torch.from_numpy``), and growth of a *pre-existing* storage by ``resize_``.
 
     With ``record=True`` the tracker also keeps the sequence of (token, +/- bytes) events so a
     caller can later split the peak by category (see :func:`measure_step`).
@@ -116,8 +116,9 @@ class MemoryTracker(TorchDispatchMode):
         self.peak_bytes = 0
         self._live: dict[int, _Entry] = {}
         self._tokens = itertools.count()
-        # Weak-reference callbacks run in whichever thread frees the storage.
-        self._lock = threading.Lock()
+        # Weak-reference callbacks run in whichever thread frees the storage (re-entrant: a
+        # callback may fire while this thread holds the lock).
+        self._lock = threading.RLock()
         self.events: list[tuple[int, int]] | None = [] if record else None
 
     def reset_peak(self) -> None:
@@ -139,12 +140,17 @@ class MemoryTracker(TorchDispatchMode):
                 self.events.append((token, delta))
 
     def _freed(self, ptr: int, token: int, _ref: weakref.ref) -> None:
-        entry = self._live.get(ptr)
-        if entry is not None and entry.token == token:
-            del self._live[ptr]
-            self._change(token, -entry.nbytes)
+        with self._lock:
+            entry = self._live.get(ptr)
+            if entry is not None and entry.token == token:
+                del self._live[ptr]
+                self._change(token, -entry.nbytes)
 
     def _track(self, st: torch.UntypedStorage) -> None:
+        with self._lock:
+            self._track_locked(st)
+
+    def _track_locked(self, st: torch.UntypedStorage) -> None:
         ptr = st.data_ptr()
         entry = self._live.get(ptr)
         if entry is not None:
@@ -246,6 +252,12 @@ def measure_step(
     storages became grads is only known after backward, so the tracker records its allocation
     events and :attr:`StepMemory.activations_bytes` is found by replaying the forward and
     backward events without those storages.
+
+    Not counted: the batch tensors themselves (they exist before the step; token ids are
+    small). Measure in the mode the step really runs in: ``model.train()`` adds dropout masks
+    (MiniLM-L6 + LoRA, 8 x 64: activations 62 MB in eval mode, 90 MB in train mode).
+    FlopCounterMode's module hooks are part of the measured step; they changed the peak by
+    nothing on MiniLM and by 1% on a 2-layer, hidden-32 BERT at 16 x 128.
     """
     weights = storage_bytes(itertools.chain(model.parameters(), model.buffers()))
     pre_grads = storage_bytes(_grads(model))
@@ -278,11 +290,6 @@ def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any,
     with FlopCounterMode(display=False) as counter:
         result = fn(*args, **kwargs)
     return result, counter.get_total_flops()
-
-
-def transformer_step_flops(*args: Any, **kwargs: Any) -> int:
-    """Analytic FLOPs of a transformer training step (not implemented yet)."""
-    raise NotImplementedError("transformer_step_flops: use count_flops / measure_step")
 
 
 @dataclass(frozen=True)

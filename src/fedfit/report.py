@@ -100,9 +100,14 @@ def _human(n: float | int | None, unit: str) -> str:
     v, prefix = _scaled(abs(x))
     if not prefix:
         return f"{sign}{round(v):d} {unit}"
+    return f"{sign}{_three_sf(v)} {prefix}{unit}"
+
+
+def _three_sf(v: float) -> str:
+    """Three significant figures with trailing zeros kept: 1.5 -> "1.50", 214.3 -> "214"."""
     v = float(f"{v:.3g}")
-    digits = 2 if v < 10 else 1 if v < 100 else 0
-    return f"{sign}{v:.{digits}f} {prefix}{unit}"
+    digits = 2 if abs(v) < 10 else 1 if abs(v) < 100 else 0
+    return f"{v:.{digits}f}"
 
 
 def format_bytes(n: float | int | None) -> str:
@@ -274,6 +279,11 @@ def load_run(path: str | Path) -> RunRecord:
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{config_path}: not valid TOML ({err})") from err
     rounds = _read_jsonl(rounds_path)
+    # Wall times live in timing.jsonl so that rounds.jsonl stays deterministic; join them.
+    timing_path = root / "timing.jsonl"
+    if timing_path.is_file():
+        wall = {t["round"]: t["wall_s"] for t in _read_jsonl(timing_path) if "wall_s" in t}
+        rounds = [dict(r, wall_s=wall[r["round"]]) if r.get("round") in wall else r for r in rounds]
     clients_path = root / "clients.jsonl"
     clients = _read_jsonl(clients_path) if clients_path.is_file() else []
     summary: dict[str, Any] = {}
@@ -527,11 +537,11 @@ def _log_ticks(axis: Axis, unit: str, values: list[float]) -> None:
     """Human tick labels on a log axis; label some minor ticks when the data spans few decades.
 
     Over fewer than two decades there are only one or two major (power-of-ten) ticks, too few to
-    read a value off, so 2x and 5x (and 3x under one decade) minor ticks get labels too.
+    read a value off, so 2x and 5x (and 3x under 1.5 decades) minor ticks get labels too.
     """
     axis.set_major_formatter(_tick_formatter(unit))
     ratio = max(values) / min(values) if values else math.inf
-    keep = frozenset({2, 3, 5}) if ratio < 10 else frozenset({2, 5}) if ratio < 100 else frozenset()
+    keep = frozenset({2, 3, 5}) if ratio < 30 else frozenset({2, 5}) if ratio < 100 else frozenset()
     axis.set_minor_formatter(_tick_formatter(unit, keep))
 
 
@@ -657,7 +667,10 @@ def plot_client_costs(run: RunRecord) -> Figure:
                 ax.hist(scaled, bins=bins, range=span, color="C0", alpha=0.8, edgecolor="white")
                 mean = sum(scaled) / len(scaled)
                 ax.axvline(mean, color="C3", linestyle="--", linewidth=1.5)
-                ax.set_title(f"mean {mean:.3g} {unit}, max {hi:.3g} {unit}", fontsize=10)
+                ax.set_title(
+                    f"mean {_three_sf(mean)} {unit}, max {_three_sf(hi)} {unit}", fontsize=10
+                )
+                ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
             else:
                 ax.text(0.5, 0.5, "not recorded", transform=ax.transAxes, ha="center")
             ax.set_xlabel(f"{label} ({unit})")

@@ -12,7 +12,7 @@ import importlib.util
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 
@@ -71,7 +71,7 @@ def list_datasets() -> list[DatasetInfo]:
     return [info for _, (info, _) in sorted(_LOADERS.items())]
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_dataset(name: str) -> TextDataset:
     """Load (and cache in-process) the dataset registered as ``name``.
 

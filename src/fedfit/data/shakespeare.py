@@ -46,11 +46,14 @@ INFO = DatasetInfo(
 )
 
 # Where the play proper begins (everything before is title page and persons represented).
-_BODY_START = re.compile(r"^\s*(?:ACT\s+(?:I|1|FIRST)\b|Act\s+(?:I|1)\b|(?:THE\s+)?(?:PROLOGUE|INDUCTION)\.?\s*$)")
+_BODY_START = re.compile(
+    r"^\s*(?:ACT\s+(?:I|1|FIRST)\b|Act\s+(?:I|1)\b|Actus\s+[Pp]rimus\b"
+    r"|(?:THE\s+)?(?:PROLOGUE|INDUCTION)\.?\s*$)"
+)
 # ACT / SCENE headings (any numbering style) and the end mark: they end the current speech.
 _HEADING = re.compile(
     r"^\s*(?:(?:ACT|Act|SCENE|Scene)\b\s*[\s.:-]\s*(?:[IVXL]+\b|\d+|FIRST|SECOND|THIRD|FOURTH|FIFTH)"
-    r"|(?:INDUCTION|Induction)\.?\s*$|THE END\.?\s*$)"
+    r"|(?:Actus|Scena|Scoena)\s+[A-Za-z]+|(?:INDUCTION|Induction)\.?\s*$|THE END\.?\s*$)"
 )
 # Lines that are stage business even without brackets, when nobody is speaking yet, and song
 # labels inside a speech.
@@ -162,6 +165,8 @@ def _inline_heads(line: str) -> list[tuple[str, str]]:
 def _own_line_tag(line: str) -> str | None:
     """The tag if the whole line is tag-shaped (mixed case needs the trailing period)."""
     stripped = line.strip()
+    if len(stripped) > 48:  # cheap reject: most lines are verse, longer than any tag
+        return None
     if not _OWN_LINE_TAG.fullmatch(stripped) or _HEADING.match(stripped):
         return None
     if _ROMAN_NUMERAL.fullmatch(stripped):
@@ -178,21 +183,23 @@ class _Tags:
     counts: Counter[str]
     inline_style: bool  # more inline tags than own-line ones at block starts (folio style)
 
-    def own_line(self, line: str, at_block_start: bool) -> str | None:
+    def speaker(self, line: str, at_block_start: bool) -> tuple[str, str] | None:
+        """(role, text after the tag) if ``line`` opens a speech, else None."""
         tag = _own_line_tag(line)
-        if tag is None or _SONG_LABEL.match(tag):
+        if tag is not None and not _SONG_LABEL.match(tag):
+            role = normalise_role(tag)
+            seen = self.counts[role]
+            if (_is_caps(tag) and (at_block_start or seen >= 1)) or seen >= 2:
+                return role, ""
             return None
-        role = normalise_role(tag)
-        if (_is_caps(tag) and (at_block_start or self.counts[role] >= 1)) or self.counts[role] >= 2:
-            return role
-        return None
-
-    def inline(self, line: str, at_block_start: bool) -> tuple[str, str] | None:
+        # Folio style indents the tag of a new speech; continuation lines start at column 0.
+        indented = line[:1].isspace()
         for head, rest in _inline_heads(line):
             role = normalise_role(head)
-            if _is_caps(head) and self.counts[role] >= 1:
+            seen = self.counts[role]
+            if _is_caps(head) and seen >= 1:
                 return role, rest
-            if at_block_start and self.inline_style and self.counts[role] >= 2:
+            if at_block_start and self.inline_style and (indented or seen >= 2):
                 return role, rest
         return None
 
@@ -251,35 +258,35 @@ def parse_play(text: str) -> ParsedPlay:
         counts["direction"] += len(block) - len(content)
         if not content:
             continue
-        if after_heading and role is None and len(content) == 1 and not _HEADING.match(content[0][1]):
-            if tags.own_line(content[0][1], True) is None:
+        first = content[0][1]
+        if after_heading and role is None and len(content) == 1 and not _HEADING.match(first):
+            if tags.speaker(first, True) is None:
                 counts["heading"] += 1  # the location line under a scene heading
                 after_heading = False
                 continue
-        if role is None and _BARE_DIRECTION.match(content[0][1]):
+        # Unbracketed "Enter ..." is stage business before anyone speaks, and anywhere in the
+        # folio style; in the modern texts it also opens verse lines ("Enter our gates").
+        if _BARE_DIRECTION.match(first) and (role is None or tags.inline_style):
             counts["direction"] += len(content)
             continue
         in_heading = False
         for idx, (n, line) in enumerate(content):
-            at_start = idx == 0
-            if _HEADING.match(line) and (at_start or in_heading):
+            if _HEADING.match(line) and (idx == 0 or in_heading):
                 flush()
                 role, in_heading, after_heading = None, True, True
                 counts["heading"] += 1
                 continue
-            if in_heading:
-                counts["heading"] += 1
-                continue
-            own = tags.own_line(line, at_start)
-            inline = None if own else tags.inline(line, at_start)
-            if own or inline:
+            opened = tags.speaker(line, idx == 0)
+            if opened is not None:
                 flush()
-                role, role_line, after_heading = own or inline[0], n, False  # type: ignore[index]
-                if inline and inline[1]:
-                    body.append(inline[1])
+                (role, rest), role_line = opened, n
+                in_heading = after_heading = False
+                if rest:
+                    body.append(rest)
                     counts["attributed"] += 1
-                continue
-            if _SONG_LABEL.match(line):
+            elif in_heading:
+                counts["heading"] += 1
+            elif _SONG_LABEL.match(line):
                 counts["direction"] += 1
             elif role is None:
                 unattributed.append(n)

@@ -87,7 +87,9 @@ def _hash_key(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
 
 
-def held_out_mask(texts: list[str], labels: list[int], fraction: float = TEST_FRACTION) -> list[bool]:
+def held_out_mask(
+    texts: list[str], labels: list[int], fraction: float = TEST_FRACTION
+) -> list[bool]:
     """True for the held-out examples: per class, the ``round(fraction * n)`` lowest hashes."""
     mask = [False] * len(texts)
     for label in sorted(set(labels)):

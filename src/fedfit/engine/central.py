@@ -84,6 +84,9 @@ def run_central(
             "upload_bytes": 0,
             "download_bytes": 0,
             "client_flops": meter.flops,
+            "cum_upload_bytes": 0,
+            "cum_download_bytes": 0,
+            "cum_client_flops": meter.flops + (rows[-1]["cum_client_flops"] if rows else 0),
         }
         if round_ % config.run.eval_every == 0 or round_ == config.run.rounds:
             row["eval"] = evaluate(model, setup.test, config.train.eval_batch_size)

@@ -36,6 +36,9 @@ from fedfit.engine.setup import RunSetup, build, derive_seed, evaluate, log, maj
 ProgressFn = Callable[[int, int, dict[str, Any] | None], None]
 
 
+CUMULATIVE = ("upload_bytes", "download_bytes", "client_flops")
+
+
 class RunExistsError(FileExistsError):
     pass
 
@@ -219,6 +222,8 @@ def run(
     setup_s = time.perf_counter() - t_start
 
     meter = CostMeter()
+    previous = _read_jsonl(run_dir / "rounds.jsonl")
+    cum = {k: previous[-1][f"cum_{k}"] if previous else 0 for k in CUMULATIVE}
     last = config.run.rounds if stop_after is None else min(config.run.rounds, stop_after)
     wall = wall_before + setup_s
     for round_ in range(state.round + 1, last + 1):
@@ -232,6 +237,9 @@ def run(
             row["eval"] = evaluate(setup.model, setup.test, config.train.eval_batch_size)
             eval_s = time.perf_counter() - t1
         wall += train_s + eval_s
+        for k in CUMULATIVE:
+            cum[k] += row[k]
+            row[f"cum_{k}"] = cum[k]
         for c in client_rows:
             _append(run_dir / "clients.jsonl", c)
         _append(run_dir / "rounds.jsonl", row)

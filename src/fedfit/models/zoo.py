@@ -8,7 +8,8 @@ clients (or two runs) with the same seed start from bitwise the same model.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -231,6 +232,42 @@ def _load_tokenizer(folder: Path, max_positions: int) -> PreTrainedTokenizerBase
     return tokenizer
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report (it flags the fresh head, which we check ourselves)."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def _from_pretrained(cls: Any, folder: Path, task_kwargs: dict[str, Any]) -> torch.nn.Module:
+    """Load ``folder`` into ``cls``; every weight but the task head must come from the file."""
+    import torch
+
+    with _quiet_transformers():
+        model, info = cls.from_pretrained(
+            str(folder),
+            attn_implementation="eager",
+            dtype=torch.float32,
+            local_files_only=True,
+            output_loading_info=True,
+            **task_kwargs,
+        )
+    # No silent random weights: only the task head may be missing from the checkpoint.
+    missing = {k for k in info["missing_keys"] if not k.startswith(("classifier.", "score."))}
+    if missing or info["mismatched_keys"]:
+        raise RuntimeError(
+            f"{folder} does not match {cls.__name__}: missing {sorted(missing)}, "
+            f"mismatched {sorted(info['mismatched_keys'])}"
+        )
+    return model
+
+
 def _task_head(model: torch.nn.Module, task: str) -> torch.nn.Linear | None:
     """The freshly created output layer of ``task`` (None for lm: it is the tied embedding)."""
     import torch
@@ -285,16 +322,11 @@ def load_model(
     weights_dir = entry.weights_dir() if entry.weights_dir is not None else None
     cls = _model_class(info.family, task)
     task_kwargs = {"num_labels": num_labels} if task == "classification" else {}
+    model: Any  # a transformers PreTrainedModel
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if weights_dir is not None:
-            model = cls.from_pretrained(
-                str(weights_dir),
-                attn_implementation="eager",
-                dtype=torch.float32,
-                local_files_only=True,
-                **task_kwargs,
-            )
+            model = _from_pretrained(cls, weights_dir, task_kwargs)
         else:
             config = _config_class(info.family)(
                 **entry.arch, pad_token_id=tokenizer.pad_token_id, **task_kwargs
@@ -316,13 +348,14 @@ def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """
     import torch
 
-    if hasattr(model, "get_base_model"):  # peft.PeftModel wraps the transformers model
-        model = model.get_base_model()
-    backbone = getattr(model, "base_model", model)  # transformers: the BertModel / LlamaModel
+    inner: Any = model
+    if hasattr(inner, "get_base_model"):  # peft.PeftModel wraps the transformers model
+        inner = inner.get_base_model()
+    backbone = getattr(inner, "base_model", inner)  # transformers: the BertModel / LlamaModel
     encoder = getattr(backbone, "encoder", None)
     layers = getattr(encoder, "layer", None) if encoder is not None else None
     if layers is None:
         layers = getattr(backbone, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
-        raise TypeError(f"cannot find the transformer blocks of {type(model).__name__}")
+        raise TypeError(f"cannot find the transformer blocks of {type(inner).__name__}")
     return layers

@@ -1,0 +1,38 @@
+"""Datasets, client partitioning and the tokenisation cache.
+
+Datasets register by name (``tweets``, ``shakespeare``) and load from installed packages,
+never from the network. Partitioning goes through Flower's partitioners; tokenisation is
+cached on disk and batches are padded to their own longest sequence.
+"""
+
+from __future__ import annotations
+
+# Importing the dataset modules registers them.
+from fedfit.data import shakespeare as shakespeare
+from fedfit.data import tweets as tweets
+from fedfit.data.base import (
+    DatasetInfo,
+    DatasetNotAvailable,
+    TextDataset,
+    list_datasets,
+    load_dataset,
+    register_dataset,
+)
+from fedfit.data.partition import SCHEMES, label_skew, natural_client_names, partition
+from fedfit.data.tokens import IGNORE_INDEX, collate, tokenize
+
+__all__ = [
+    "IGNORE_INDEX",
+    "SCHEMES",
+    "DatasetInfo",
+    "DatasetNotAvailable",
+    "TextDataset",
+    "collate",
+    "label_skew",
+    "list_datasets",
+    "load_dataset",
+    "natural_client_names",
+    "partition",
+    "register_dataset",
+    "tokenize",
+]
