@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -222,10 +223,25 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _quiet_libraries() -> None:
+    """Keep the terminal for fedfit's own progress: no per-load bars or deprecation chatter
+    from transformers/peft (their errors still show)."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from fedfit.config import ConfigError
 
     args = parser().parse_args(argv)
+    _quiet_libraries()
+    if os.environ.get("FEDFIT_DEBUG"):
+        return int(args.func(args))
     try:
         return int(args.func(args))
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:

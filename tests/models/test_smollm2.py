@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from fedfit.models import configs, convert, load_model, sources
+from fedfit.models import configs, convert, get_model_info, load_model, sources
 from fedfit.models.zoo import _smollm2_dir
 
 pytestmark = pytest.mark.real
@@ -24,6 +24,9 @@ def test_cached_smollm2_equals_gguf_and_knows_paris() -> None:
     assert "quantization_config" not in saved
 
     model, tokenizer = load_model("smollm2-135m", "lm")
+    backbone_params = sum(p.numel() for p in model.base_model.parameters())
+    assert backbone_params == get_model_info("smollm2-135m").num_params
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as in SmolLM2
     batch = tokenizer("The capital of France is", return_tensors="pt")
     reference = convert.load_gguf_model(sources.smollm2_gguf()).eval()
     with torch.no_grad():

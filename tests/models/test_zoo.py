@@ -157,7 +157,9 @@ def test_missing_onnx_distribution_names_install_command(monkeypatch: pytest.Mon
 
 @pytest.mark.parametrize(("name", "task"), [("tiny-bert", "classification"), ("tiny-llama", "lm")])
 def test_forward_mode_ad_matches_backprop(name: str, task: str) -> None:
-    # Eager attention is what makes torch.func.jvp work on CPU (it fails under SDPA).
+    # Eager attention is what makes torch.func.jvp work on CPU (it fails under SDPA). The loss
+    # also covers padded positions, whose input is Llama's pad = eos token: with the embedding's
+    # padding_idx left set, backprop would zero that row's gradient and disagree with jvp.
     model, tokenizer = load_model(name, task)
     batch = dict(
         tokenizer(["forward gradients", "need eager attention"], padding=True, return_tensors="pt")

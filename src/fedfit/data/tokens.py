@@ -13,12 +13,14 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from fedfit.paths import cache_dir
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE_INDEX = -100  # what torch's cross-entropy skips: padding in LM labels
 _BATCH = 4096  # texts per call of the fast tokenizer: large enough for its Rust threads
@@ -112,6 +114,8 @@ def collate(
     when asked, ``labels``: the class ids for classification, or for causal LM a copy of
     ``input_ids`` with padding set to -100 (the model shifts labels itself).
     """
+    import torch  # here, not at module level: listing or loading data should not pay for it
+
     if not seqs:
         raise ValueError("collate needs at least one sequence")
     if lm and labels is not None:

