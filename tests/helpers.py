@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
@@ -17,8 +16,14 @@ def no_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def random_shard(client_id: int, n: int, seed: int, num_labels: int = 3, lm: bool = False,
-                 vocab: tuple[int, int] = (1000, 1200)) -> ClientData:
+def random_shard(
+    client_id: int,
+    n: int,
+    seed: int,
+    num_labels: int = 3,
+    lm: bool = False,
+    vocab: tuple[int, int] = (1000, 1200),
+) -> ClientData:
     """``n`` random token sequences of 5..12 tokens (real vocab ids), with labels."""
     rng = np.random.default_rng(seed)
     seqs = [rng.integers(*vocab, size=rng.integers(5, 13)).astype(np.int32) for _ in range(n)]

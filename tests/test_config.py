@@ -31,16 +31,16 @@ def test_every_example_parses(path: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "named"),
     [
-        ("train.lrr=0.1", "train.lrr"),          # misspelled key
-        ("train.lr=-1", "train.lr"),             # out of range
-        ("train.lr=fast", "train.lr"),           # wrong type
+        ("train.lrr=0.1", "train.lrr"),  # misspelled key
+        ("train.lr=-1", "train.lr"),  # out of range
+        ("train.lr=fast", "train.lr"),  # wrong type
         ("train.optimizer=adam", "train.optimizer"),
         ("data.partition=zipf", "data.partition"),
         ("data.clients_per_round=1000", "data.clients_per_round"),
         ("server.optimizer=sgd", "server.optimizer"),
         ("method.name=nope", "method.name"),
         ("method.r=0", "method.r"),
-        ("method.rank=4", "method.rank"),        # not a LoRA option
+        ("method.rank=4", "method.rank"),  # not a LoRA option
         ("nosection.x=1", "nosection"),
         ("run.rounds=2.5", "run.rounds"),
     ],

@@ -18,8 +18,9 @@ from fedfit.config import ServerConfig
 from fedfit.server_opt import SERVER_OPTIMIZERS, server_step
 
 
-def reference(name: str, x: np.ndarray, deltas: list[np.ndarray], eta: float, b1: float,
-              b2: float, tau: float) -> np.ndarray:
+def reference(
+    name: str, x: np.ndarray, deltas: list[np.ndarray], eta: float, b1: float, b2: float, tau: float
+) -> np.ndarray:
     m, v = np.zeros_like(x), np.full_like(x, tau**2)
     for d in deltas:
         if name == "fedavg":
@@ -54,8 +55,12 @@ def test_fedyogi_first_step_by_hand() -> None:
     # d = 0.5, tau = 0.1: m = 0.1*0.5 = 0.05; v0 = 0.01, d^2 = 0.25, sign(0.01-0.25) = -1
     # v = 0.01 + 0.01*0.25 = 0.0125; x = 1 + 1.0*0.05/(sqrt(0.0125)+0.1)
     cfg = ServerConfig(optimizer="fedyogi", lr=1.0, beta1=0.9, beta2=0.99, tau=0.1)
-    params, state = server_step({"w": torch.tensor([1.0], dtype=torch.float64)},
-                                {"w": torch.tensor([0.5], dtype=torch.float64)}, {}, cfg)
+    params, state = server_step(
+        {"w": torch.tensor([1.0], dtype=torch.float64)},
+        {"w": torch.tensor([0.5], dtype=torch.float64)},
+        {},
+        cfg,
+    )
     assert params["w"].item() == pytest.approx(1 + 0.05 / (0.0125**0.5 + 0.1), rel=1e-12)
     assert state["v"]["w"].item() == pytest.approx(0.0125, rel=1e-12)
 

@@ -124,7 +124,7 @@ def _options_text(options_cls: type) -> str:
 def cmd_methods(args: argparse.Namespace) -> int:
     from fedfit.algorithms import ALGORITHMS
 
-    table = Table(title="fedfit methods ([method] name = ...)")
+    table = Table(title="fedfit methods (\\[method] name = ...)")
     for col in ("name", "description", "options (defaults)"):
         table.add_column(col)
     for name in sorted(ALGORITHMS):
@@ -137,13 +137,18 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from fedfit.models import list_models
 
-    table = Table(title="fedfit model zoo ([model] name = ...)")
+    table = Table(title="fedfit model zoo (\\[model] name = ...)")
     for col in ("name", "family", "tasks", "layers", "hidden", "params", "source"):
         table.add_column(col)
     for m in list_models():
         table.add_row(
-            m.name, m.family, ", ".join(m.tasks), str(m.num_layers), str(m.hidden_size),
-            f"{m.num_params / 1e6:.1f}M", m.source,
+            m.name,
+            m.family,
+            ", ".join(m.tasks),
+            str(m.num_layers),
+            str(m.hidden_size),
+            f"{m.num_params / 1e6:.1f}M",
+            m.source,
         )
     Console().print(table)
     return 0
@@ -154,7 +159,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     from fedfit.data import list_datasets, load_dataset
 
-    table = Table(title="fedfit datasets ([data] name = ...)")
+    table = Table(title="fedfit datasets (\\[data] name = ...)")
     for col in ("name", "task", "train", "test", "labels / groups", "source"):
         table.add_column(col)
     for info in list_datasets():
@@ -169,7 +174,11 @@ def cmd_data(args: argparse.Namespace) -> int:
         else:
             detail = f"{len(set(ds.train_groups or []))} groups"
         table.add_row(
-            info.name, info.task, str(len(ds.train_texts)), str(len(ds.test_texts)), detail,
+            info.name,
+            info.task,
+            str(len(ds.train_texts)),
+            str(len(ds.test_texts)),
+            detail,
             info.source,
         )
     Console().print(table)
@@ -179,7 +188,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="TOML config (defaults when omitted)")
     p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.lr=1e-3 (repeatable)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
@@ -187,7 +199,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
-        prog="fedfit", description="Federated fine-tuning of language models on small devices.",
+        prog="fedfit",
+        description="Federated fine-tuning of language models on small devices.",
         epilog=EPILOG,
     )
     sub = top.add_subparsers(dest="command", required=True)
@@ -196,13 +209,15 @@ def parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its folder")
     p.add_argument(
-        "--central", action="store_true",
+        "--central",
+        action="store_true",
         help="afterwards, also run the centralised reference with the same step budget",
     )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
-        "central", help="centralised reference: pooled data, same model and step budget",
+        "central",
+        help="centralised reference: pooled data, same model and step budget",
         epilog=EPILOG,
     )
     _add_config_args(p)

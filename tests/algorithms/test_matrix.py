@@ -11,6 +11,7 @@ import dataclasses
 
 import pytest
 import torch
+from tests.helpers import random_shard
 
 from fedfit.algorithms import ALGORITHMS, make_algorithm
 from fedfit.algorithms.base import ClientContext, Update
@@ -18,14 +19,14 @@ from fedfit.compress import deserialize, payload_bytes, serialize
 from fedfit.config import load_config
 from fedfit.engine.meter import CostMeter
 from fedfit.models import load_model
-from tests.helpers import random_shard
 
 METHODS = sorted(ALGORITHMS)
 
 
 def setup_method(name: str, task: str = "classification", model_name: str = "tiny-bert"):
-    config = load_config(None, [f"method.name={name}", "train.local_steps=3",
-                                "train.batch_size=4", "train.lr=1e-2"])
+    config = load_config(
+        None, [f"method.name={name}", "train.local_steps=3", "train.batch_size=4", "train.lr=1e-2"]
+    )
     model, _ = load_model(model_name, task, num_labels=3, seed=0)
     algorithm = make_algorithm(config)
     model = algorithm.prepare(model, task)
@@ -36,8 +37,9 @@ def setup_method(name: str, task: str = "classification", model_name: str = "tin
 @pytest.mark.parametrize("name", METHODS)
 def test_payload_is_trainable_tensors_and_round_trips(name: str) -> None:
     _, algorithm, model, ctx = setup_method(name)
-    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()
-                     if not p.requires_grad}
+    frozen_before = {
+        n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad
+    }
     state = algorithm.init(model)
     task = algorithm.configure(state, client_id=3, seed=11)
     update = algorithm.client_update(model, task, random_shard(3, 10, seed=1), ctx)
@@ -117,8 +119,10 @@ def test_fedavg_weighted_mean_by_hand() -> None:
 def test_fedsgd_uploads_the_mean_gradient() -> None:
     from tests.helpers import no_dropout
 
-    config = load_config(None, ["method.name=fedsgd", "train.local_steps=0",
-                                "train.local_epochs=1", "train.batch_size=4"])
+    config = load_config(
+        None,
+        ["method.name=fedsgd", "train.local_steps=0", "train.local_epochs=1", "train.batch_size=4"],
+    )
     model, _ = load_model("tiny-bert", "classification", num_labels=3, seed=0)
     algorithm = make_algorithm(config)
     model = no_dropout(algorithm.prepare(model, "classification"))

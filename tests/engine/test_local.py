@@ -50,10 +50,14 @@ def test_same_seed_identical_rounds(tmp_path: Path, method: str) -> None:
 
 
 def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
-    full = run(tiny(tmp_path, "run.name=full", "server.optimizer=fedadam", "server.lr=0.01"),
-               plots=False)
-    part = run(tiny(tmp_path, "run.name=part", "server.optimizer=fedadam", "server.lr=0.01"),
-               stop_after=1, plots=False)
+    full = run(
+        tiny(tmp_path, "run.name=full", "server.optimizer=fedadam", "server.lr=0.01"), plots=False
+    )
+    part = run(
+        tiny(tmp_path, "run.name=part", "server.optimizer=fedadam", "server.lr=0.01"),
+        stop_after=1,
+        plots=False,
+    )
     assert len(rows(part / "rounds.jsonl")) == 1
     resumed = resume_run(part, plots=False)
     assert (resumed / "rounds.jsonl").read_bytes() == (full / "rounds.jsonl").read_bytes()
@@ -80,8 +84,9 @@ def test_run_folder_contents(tmp_path: Path) -> None:
 
 
 def test_cli_run_and_bad_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["run"] + [a for s in [*TINY, f"run.output_dir={tmp_path}", "run.rounds=2"]
-                      for a in ("--set", s)]
+    args = ["run"] + [
+        a for s in [*TINY, f"run.output_dir={tmp_path}", "run.rounds=2"] for a in ("--set", s)
+    ]
     assert main(args) == 0
     summary = json.loads((tmp_path / "default" / "summary.json").read_text())
     assert summary["rounds_completed"] == 2

@@ -110,9 +110,7 @@ class FedSGD(FedAvg):
         batches = list(batch_indices(len(shard), ctx.train, task.seed))
         # batch_indices gives equal-size batches and each loss is a batch mean, so the
         # accumulated gradient divided by the number of batches is the mean over examples.
-        losses = [
-            ctx.meter.train_step(model, accumulate, shard.batch(index)) for index in batches
-        ]
+        losses = [ctx.meter.train_step(model, accumulate, shard.batch(index)) for index in batches]
         payload = {
             n: (p.grad / len(batches)).detach().clone()
             if p.grad is not None

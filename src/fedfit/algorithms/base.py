@@ -76,7 +76,10 @@ class StepMeter(Protocol):
     """Runs a client's training steps and records their measured cost (engine/meter.py)."""
 
     def train_step(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batch: dict[str, torch.Tensor],
     ) -> float: ...
 
 
@@ -147,7 +150,9 @@ def apply_server_update(
     return ServerState(state.round + 1, params, opt_state, dict(state.extra))
 
 
-def make_optimizer(params: Sequence[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: Sequence[torch.nn.Parameter], train: TrainConfig
+) -> torch.optim.Optimizer:
     """The client optimiser named in the config, fresh for each client update."""
     if train.optimizer == "sgd":
         return torch.optim.SGD(

@@ -128,8 +128,9 @@ def run_round(
     return new_state, client_rows, round_row
 
 
-def _summary(setup: RunSetup, rounds: list[dict[str, Any]], clients: list[dict[str, Any]],
-             wall_s: float) -> dict[str, Any]:
+def _summary(
+    setup: RunSetup, rounds: list[dict[str, Any]], clients: list[dict[str, Any]], wall_s: float
+) -> dict[str, Any]:
     cfg = setup.config
     evals = [r for r in rounds if "eval" in r]
     lm = setup.task == "lm"
@@ -203,8 +204,13 @@ def run(
                 f"{run_dir} already exists: resume it with --resume {run_dir}, pick another "
                 "name with --set run.name=..., or replace it with --overwrite"
             )
-        for name in ("rounds.jsonl", "clients.jsonl", "timing.jsonl", "summary.json",
-                     "checkpoint.pt"):
+        for name in (
+            "rounds.jsonl",
+            "clients.jsonl",
+            "timing.jsonl",
+            "summary.json",
+            "checkpoint.pt",
+        ):
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(to_toml(config))
@@ -245,8 +251,12 @@ def run(
         _append(run_dir / "rounds.jsonl", row)
         _append(
             run_dir / "timing.jsonl",
-            {"round": round_, "train_s": round(train_s, 3), "eval_s": round(eval_s, 3),
-             "wall_s": round(wall, 3)},
+            {
+                "round": round_,
+                "train_s": round(train_s, 3),
+                "eval_s": round(eval_s, 3),
+                "wall_s": round(wall, 3),
+            },
         )
         save_checkpoint(run_dir, state, {"wall_s": wall})
         if progress:

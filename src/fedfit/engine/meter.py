@@ -42,7 +42,10 @@ class CostMeter:
         self.flops += flops
 
     def train_step(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batch: dict[str, torch.Tensor],
     ) -> float:
         key = tuple(batch["input_ids"].shape)
         if key in self._cache:
