@@ -39,9 +39,7 @@ def fixed_length_shard(model_name: str, batch: int, length: int) -> tuple[Client
     seqs = tokenize(ds.train_texts[: batch * 4], tokenizer, 4 * length)
     fixed = [np.resize(s, length).astype(np.int32) for s in seqs[:batch]]
     labels = np.asarray(ds.train_labels[:batch])
-    return ClientData(0, fixed, labels, int(tokenizer.pad_token_id), lm=False), len(
-        ds.label_names
-    )
+    return ClientData(0, fixed, labels, int(tokenizer.pad_token_id), lm=False), len(ds.label_names)
 
 
 def measure(method: str, model_name: str, shard: ClientData, steps: int, batch: int) -> dict:

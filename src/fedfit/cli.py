@@ -38,8 +38,10 @@ def _progress_bar(label: str) -> tuple[Progress, Any]:
             metric = (
                 f"acc {ev['accuracy']:.3f}" if "accuracy" in ev else f"ppl {ev['perplexity']:.2f}"
             )
-        fields = {"metric": metric} if metric else {}
-        bar.update(task_id, completed=round_, total=total, **fields)
+        if metric:
+            bar.update(task_id, completed=round_, total=total, metric=metric)
+        else:
+            bar.update(task_id, completed=round_, total=total)
 
     return bar, update
 

@@ -36,7 +36,7 @@ class ClientData:
     def __len__(self) -> int:
         return len(self.seqs)
 
-    def batch(self, index: Sequence[int]) -> dict[str, torch.Tensor]:
+    def batch(self, index: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """Collate examples ``index``, padded to the longest of them (no wasted padding)."""
         labels = None if self.labels is None else [int(self.labels[i]) for i in index]
         return collate([self.seqs[i] for i in index], self.pad_id, labels=labels, lm=self.lm)

@@ -36,7 +36,7 @@ def _task_type(task: str) -> TaskType:
 
 def _head_modules(model: torch.nn.Module, task: str) -> list[torch.nn.Module]:
     if task == "lm":
-        head = model.get_output_embeddings()
+        head = model.get_output_embeddings()  # type: ignore[operator]
         return [head] if head is not None else []
     return [getattr(model, n) for n in HEAD_NAMES if hasattr(model, n)]
 
@@ -67,14 +67,14 @@ class LoRA(FedAvg):
 
     def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
         opts: LoraOptions = self.options  # type: ignore[assignment]
-        family = model.config.model_type
+        family = str(model.config.model_type)  # type: ignore[union-attr]
         targets = opts.target_modules or _LORA_TARGETS.get(family)
         if not targets:
             raise ValueError(f"lora: no default target modules for {family!r}; set target_modules")
         config = LoraConfig(
             task_type=_task_type(task),
             r=opts.r,
-            lora_alpha=opts.alpha,
+            lora_alpha=opts.alpha,  # type: ignore[arg-type]  # peft accepts floats
             lora_dropout=opts.dropout,
             target_modules=list(targets),
         )

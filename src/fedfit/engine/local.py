@@ -82,7 +82,7 @@ def run_round(
     ctx = ClientContext(train=cfg.train, meter=meter)
     clients = sample_clients(cfg.run.seed, round_, cfg.data.num_clients, cfg.data.clients_per_round)
     updates: list[Update] = []
-    client_rows = []
+    client_rows: list[dict[str, Any]] = []
     download_sizes: dict[int, int] = {}
     for cid in clients:
         task = setup.algorithm.configure(state, cid, derive_seed(cfg.run.seed, round_, cid))
@@ -128,6 +128,20 @@ def run_round(
     return new_state, client_rows, round_row
 
 
+def _per_client(clients: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Peak memory (max) and mean FLOPs / bytes over every client update of the run."""
+    if not clients:
+        return dict.fromkeys(
+            ("peak_memory_bytes_max", "flops_mean", "upload_bytes_mean", "download_bytes_mean")
+        )
+    return {
+        "peak_memory_bytes_max": float(max(c["peak_memory_bytes"] or 0 for c in clients)),
+        "flops_mean": float(np.mean([c["flops"] for c in clients])),
+        "upload_bytes_mean": float(np.mean([c["upload_bytes"] for c in clients])),
+        "download_bytes_mean": float(np.mean([c["download_bytes"] for c in clients])),
+    }
+
+
 def _summary(
     setup: RunSetup, rounds: list[dict[str, Any]], clients: list[dict[str, Any]], wall_s: float
 ) -> dict[str, Any]:
@@ -159,18 +173,7 @@ def _summary(
         "total_params": total,
         "cum_upload_bytes": sum(r["upload_bytes"] for r in rounds),
         "cum_client_flops": sum(r["client_flops"] for r in rounds),
-        "per_client": {
-            "peak_memory_bytes_max": max((c["peak_memory_bytes"] or 0) for c in clients)
-            if clients
-            else None,
-            "flops_mean": float(np.mean([c["flops"] for c in clients])) if clients else None,
-            "upload_bytes_mean": float(np.mean([c["upload_bytes"] for c in clients]))
-            if clients
-            else None,
-            "download_bytes_mean": float(np.mean([c["download_bytes"] for c in clients]))
-            if clients
-            else None,
-        },
+        "per_client": _per_client(clients),
     }
 
 
