@@ -62,15 +62,17 @@ def measure(method: str, model_name: str, shard: ClientData, steps: int, batch: 
     t0 = time.perf_counter()
     update = algorithm.client_update(model, task, shard, ctx)
     wall = time.perf_counter() - t0
+    flops, memory = meter.flops, meter.memory
     # The first step ran instrumented; time the plain ones separately as well.
+    meter.start_client()
     t1 = time.perf_counter()
     algorithm.client_update(model, task, shard, ctx)
     plain = (time.perf_counter() - t1) / steps
-    mem = meter.memory.as_dict() if meter.memory else {}
+    mem = memory.as_dict() if memory else {}
     return {
         "method": method,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "flops_per_step": meter.flops // steps,
+        "flops_per_step": flops // steps,
         "upload_bytes": payload_bytes(update.payload),
         "download_bytes": payload_bytes(task.download),
         "memory": mem,
