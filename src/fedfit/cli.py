@@ -58,9 +58,34 @@ def _final_line(run_dir: Path) -> None:
             f"(majority-class baseline {base:.4f}) after {summary['rounds_completed']} rounds, "
             f"{summary['wall_s']:.0f} s"
         )
+        _central_line(run_dir, "accuracy")
     elif "perplexity" in final:
         console.print(f"[bold green]final perplexity {final['perplexity']:.2f}[/]")
+        _central_line(run_dir, "perplexity")
     console.print(f"results in {run_dir}")
+
+
+def _central_line(run_dir: Path, metric: str) -> None:
+    """The centralised reference beside a federated result: read from the sibling
+    ``NAME-central`` run when one exists (it takes as long as the federated run, so it is
+    not rerun every time), otherwise the command that makes it."""
+    import json
+
+    if run_dir.name.endswith("-central"):
+        return
+    central = run_dir.parent / f"{run_dir.name}-central" / "summary.json"
+    if central.exists():
+        final = json.loads(central.read_text()).get("final") or {}
+        if metric in final:
+            console.print(
+                f"centralised reference (same model, method and step budget, pooled data): "
+                f"{metric} {final[metric]:.4f} ({central.parent})"
+            )
+            return
+    console.print(
+        f"centralised reference: not run yet; `fedfit central {run_dir}/config.toml` "
+        f"writes {run_dir}-central (README.md records the measured one)"
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -54,12 +54,14 @@ class ServerState:
 
 @dataclass
 class ClientTask:
-    """What the server sends one client: its download payload and a seed for its randomness."""
+    """What the server sends one client: its download payload, a seed for its randomness,
+    and method-specific instructions (e.g. how many layers to train)."""
 
     client_id: int
     round: int
     seed: int
     download: Payload
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Per-client cost measurement that the engine hands to algorithms as ``ctx.meter``.
 
-Every training step runs for real; the first step of each batch shape (batch, tokens) in a
-run runs under ``costs.measure_step`` (a storage-counting dispatch mode plus FlopCounterMode),
+Every training step runs for real; the first step of each batch shape (batch, tokens) and
+trainable set in a run runs under ``costs.measure_step`` (a storage-counting dispatch mode plus FlopCounterMode),
 and later steps of the same shape reuse that measurement. FLOPs of a step depend only on its
 shapes, and its memory only on its shapes and on the optimiser state (which measure_step
 counts whether or not it already exists), so the cached figures are the measured ones; the
@@ -47,7 +47,9 @@ class CostMeter:
         optimizer: torch.optim.Optimizer,
         batch: dict[str, torch.Tensor],
     ) -> float:
-        key = tuple(batch["input_ids"].shape)
+        # Cost depends on the batch shape and on what is trained (layer depth, adapters).
+        trainable = [p.numel() for p in model.parameters() if p.requires_grad]
+        key = (*batch["input_ids"].shape, len(trainable), sum(trainable))
         if key in self._cache:
             loss = plain_step(model, optimizer, batch)
             flops, memory = self._cache[key]

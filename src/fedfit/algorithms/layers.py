@@ -1,0 +1,150 @@
+"""Constraint-aware layer fine-tuning (Pfeiffer et al., arXiv 2411.07826), SEEDS.md section 1.
+
+Each client trains only the top ``n`` transformer blocks plus the head and freezes everything
+below: no parameter below the first trained block requires grad, so autograd saves no
+activations there and runs no backward there (peak memory and backward FLOPs cover the
+trained blocks only). The client uploads only what it trained.
+
+Server aggregation is layer-wise: a tensor's new value is the example-weighted mean over
+the clients that trained it this round; a tensor nobody trained keeps its value
+(``aggregation = "weighted"``). The group's earlier code instead mixes
+``w <- r * mean(trained copies) + (1 - r) * w_old`` with ``r`` the fraction of the round's
+clients that trained that layer (``aggregation = "r_weighted"``). Either target then goes
+through the configured server optimiser (plain replacement with fedavg, server lr 1).
+
+Choices the paper leaves open, made here:
+- "head" = what sits above the block stack: BERT's pooler and classifier; Llama's final norm
+  and score (classification) or final norm only (causal LM: SmolLM2 ties the output
+  projection to the input embeddings, and training that matrix would make the embedding
+  lookup at the bottom require grad and so keep every block's activations).
+- Download = every tensor any client may train (all blocks + head): a client's frozen
+  prefix must follow the layers other clients trained in earlier rounds.
+- Depth per client: ``depth`` from the options for now (same for every device); choosing the
+  largest depth that fits each device's budget comes with the device budgets of issue 3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from fedfit.algorithms.backprop import FedAvg
+from fedfit.algorithms.base import (
+    ClientContext,
+    ClientData,
+    ClientTask,
+    ServerState,
+    Update,
+    apply_server_update,
+    load_tensors_,
+    local_train,
+    weighted_mean,
+)
+from fedfit.algorithms.registry import register
+from fedfit.models import transformer_layers
+
+AGGREGATIONS = ("weighted", "r_weighted")
+
+
+@dataclass(frozen=True)
+class LayersOptions:
+    depth: int = field(default=2, metadata={"help": "top transformer blocks each client trains"})
+    aggregation: str = field(
+        default="weighted", metadata={"help": "weighted | r_weighted (layer-wise mixing)"}
+    )
+
+    def __post_init__(self) -> None:
+        from fedfit.config import ConfigError
+
+        if self.depth < 1:
+            raise ConfigError("method.depth: must be >= 1")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(
+                f"method.aggregation: {self.aggregation!r} is not one of {', '.join(AGGREGATIONS)}"
+            )
+
+
+def head_modules(model: torch.nn.Module, task: str) -> list[torch.nn.Module]:
+    """The modules above the transformer blocks that layer fine-tuning always trains."""
+    base = getattr(model, "base_model", model)
+    found = [getattr(base, "pooler", None), getattr(base, "norm", None)]
+    if task == "classification":
+        found += [getattr(model, "classifier", None), getattr(model, "score", None)]
+    return [m for m in found if m is not None]
+
+
+def layer_groups(model: torch.nn.Module, task: str) -> list[list[str]]:
+    """Parameter names per trainable unit, top first: [head, block L-1, block L-2, ...]."""
+    owner: dict[int, int] = {}
+    blocks = transformer_layers(model)
+    for i, block in enumerate(blocks):
+        for p in block.parameters():
+            owner[id(p)] = len(blocks) - i  # top block -> 1
+    for module in head_modules(model, task):
+        for p in module.parameters():
+            owner[id(p)] = 0
+    groups: list[list[str]] = [[] for _ in range(len(blocks) + 1)]
+    for name, p in model.named_parameters():
+        if id(p) in owner:
+            groups[owner[id(p)]].append(name)
+    return groups
+
+
+def trained_names(groups: list[list[str]], depth: int) -> list[str]:
+    """Head plus the top ``depth`` blocks."""
+    if depth > len(groups) - 1:
+        raise ValueError(f"layers: depth {depth} > the model's {len(groups) - 1} blocks")
+    return [n for group in groups[: depth + 1] for n in group]
+
+
+class LayerFineTuning(FedAvg):
+    name = "layers"
+
+    def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
+        """Everything a client may train is marked trainable; client_update narrows it."""
+        self.groups = layer_groups(model, task)
+        trained_names(self.groups, self.options.depth)  # fail early on a too-deep option
+        allowed = {n for group in self.groups for n in group}
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in allowed)
+        return model
+
+    def configure(self, state: ServerState, client_id: int, seed: int) -> ClientTask:
+        task = ClientTask(client_id, state.round + 1, seed, download=state.params)
+        task.config["depth"] = self.options.depth
+        return task
+
+    def client_update(
+        self, model: torch.nn.Module, task: ClientTask, shard: ClientData, ctx: ClientContext
+    ) -> Update:
+        load_tensors_(model, task.download)
+        names = set(trained_names(self.groups, int(task.config["depth"])))
+        params = dict(model.named_parameters())
+        allowed = {n for group in self.groups for n in group}
+        for name in allowed:
+            params[name].requires_grad_(name in names)
+        try:
+            metrics = local_train(model, shard, ctx, task.seed)
+        finally:
+            for name in allowed:
+                params[name].requires_grad_(True)
+        payload = {n: params[n].detach().clone() for n in sorted(names)}
+        metrics["trained_layers"] = float(task.config["depth"])
+        return Update(task.client_id, payload, len(shard), metrics)
+
+    def aggregate(self, state: ServerState, updates: Sequence[Update]) -> ServerState:
+        mean = weighted_mean([u.payload for u in updates], [u.num_examples for u in updates])
+        if self.options.aggregation == "r_weighted":
+            for name in mean:
+                r = sum(name in u.payload for u in updates) / len(updates)
+                mean[name] = r * mean[name] + (1 - r) * state.params[name].to(mean[name].dtype)
+        return apply_server_update(state, mean, self.config.server)
+
+
+register(
+    "layers",
+    LayersOptions,
+    "Constraint-aware layer fine-tuning: top-n blocks + head, layer-wise averaging",
+)(LayerFineTuning)

@@ -1,0 +1,140 @@
+"""What a client trains (:class:`TrainSpec`), applied to a real model and measured for one step.
+
+:func:`apply_spec` marks the trainable tensors (or wraps the model with peft LoRA) exactly as the
+algorithms do; :func:`measure` then runs ONE real step through :func:`measure_step`. This is the
+"truth" that :func:`fedfit.costs.predict.predict` is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedfit.costs.measure import StepMemory, measure_step
+
+KINDS = ("full", "lora", "layers", "head")
+OPTIMIZERS = ("adamw", "sgd")
+# peft's usual targets per family (the attention query and value projections).
+LORA_TARGETS = {"bert": ("query", "value"), "llama": ("q_proj", "v_proj")}
+HEAD_NAMES = ("classifier", "score")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """What a client trains.
+
+    - ``kind="full"``: every parameter.
+    - ``kind="lora"``: LoRA adapters of rank ``lora_rank`` (alpha = 2 * rank, no LoRA dropout)
+      on ``lora_targets`` (empty: the family default, query/value or q_proj/v_proj), plus the
+      task head for classification (peft's SEQ_CLS ``modules_to_save``).
+    - ``kind="layers"``: the top ``trained_layers`` transformer blocks plus what sits above
+      them (BERT: pooler and classifier; Llama: final norm and score, or final norm for LM),
+      everything below frozen, embeddings included.
+    - ``kind="head"``: the task head only (classifier / score); classification only.
+
+    ``optimizer``: ``"adamw"`` (two moments per trainable tensor and a step counter) or
+    ``"sgd"`` (no momentum: no state).
+    """
+
+    kind: str
+    trained_layers: int = 0
+    lora_rank: int = 8
+    lora_targets: tuple[str, ...] = ()
+    optimizer: str = "adamw"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"TrainSpec.kind: {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainSpec.optimizer: {self.optimizer!r} not in {OPTIMIZERS}")
+        if self.kind == "layers" and self.trained_layers < 1:
+            raise ValueError("TrainSpec.trained_layers: layers needs >= 1 trained block")
+        if self.kind == "lora" and self.lora_rank < 1:
+            raise ValueError("TrainSpec.lora_rank: must be >= 1")
+
+    def targets(self, family: str) -> tuple[str, ...]:
+        """The LoRA target module names for a model family ("bert" | "llama")."""
+        if self.lora_targets:
+            return self.lora_targets
+        if family not in LORA_TARGETS:
+            raise ValueError(f"no default LoRA targets for {family!r}; set lora_targets")
+        return LORA_TARGETS[family]
+
+
+def _head_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [getattr(model, n) for n in HEAD_NAMES if hasattr(model, n)]
+
+
+def _top_modules(model: torch.nn.Module, task: str) -> list[torch.nn.Module]:
+    """What sits above the block stack (as algorithms/layers.py): pooler / final norm + head."""
+    base = getattr(model, "base_model", model)
+    found = [getattr(base, "pooler", None), getattr(base, "norm", None)]
+    if task == "classification":
+        found += _head_modules(model)
+    return [m for m in found if m is not None]
+
+
+def apply_spec(model: torch.nn.Module, spec: TrainSpec, task: str) -> torch.nn.Module:
+    """Mark what ``spec`` trains on ``model``; returns the model (peft-wrapped for LoRA).
+
+    Layer fine-tuning trains BERT's pooler with the classifier: the classifier reads the
+    pooler's output, and the pooler is the part of the pretrained model closest to the task.
+    """
+    from fedfit.models import transformer_layers
+
+    if spec.kind == "full":
+        model.requires_grad_(True)
+        return model
+    if spec.kind == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        config = LoraConfig(
+            task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
+            r=spec.lora_rank,
+            lora_alpha=2 * spec.lora_rank,
+            target_modules=list(spec.targets(str(model.config.model_type))),
+        )
+        return get_peft_model(model, config)  # type: ignore[arg-type]
+    model.requires_grad_(False)
+    if spec.kind == "head":
+        heads = _head_modules(model) if task == "classification" else []
+        if not heads:
+            raise ValueError("TrainSpec(kind='head') needs a classification head")
+        for module in heads:
+            module.requires_grad_(True)
+        return model
+    blocks = transformer_layers(model)
+    if spec.trained_layers > len(blocks):
+        raise ValueError(f"trained_layers={spec.trained_layers} > the {len(blocks)} blocks")
+    for block in blocks[len(blocks) - spec.trained_layers :]:
+        block.requires_grad_(True)
+    for module in _top_modules(model, task):
+        module.requires_grad_(True)
+    return model
+
+
+def make_optimizer(model: torch.nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
+    """The client optimiser of ``spec`` over the model's trainable parameters (torch defaults)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=1e-3)
+    return torch.optim.AdamW(params, lr=1e-4)
+
+
+def measure(
+    model: torch.nn.Module, spec: TrainSpec, batch: dict[str, torch.Tensor], task: str | None = None
+) -> tuple[StepMemory, int]:
+    """Apply ``spec`` to ``model``, then run ONE real training step (train mode, fresh
+    optimiser) under :func:`measure_step`; returns (memory, FLOPs).
+
+    ``task`` defaults to "lm" for a ``*ForCausalLM`` and "classification" otherwise. The model
+    is modified in place (requires_grad flags, one optimiser step; LoRA wraps it).
+    """
+    if task is None:
+        task = "lm" if type(model).__name__.endswith("ForCausalLM") else "classification"
+    model = apply_spec(model, spec, task)
+    model.train()
+    optimizer = make_optimizer(model, spec)
+    _, memory, flops = measure_step(model, optimizer, batch)
+    return memory, flops
