@@ -1,7 +1,7 @@
 """Run configuration: frozen dataclasses, TOML loading, ``--set key=value`` overrides.
 
 A config file has one table per dataclass below ([run], [model], [data], [train], [server],
-[method]). ``[method]`` holds ``name`` plus that method's own options, which are validated
+[method], and [devices] from fedfit.devices). ``[method]`` holds ``name`` plus that method's own options, which are validated
 against the method's options dataclass (see ``fedfit methods``). Every key is checked before any
 work starts: an unknown key or a bad value raises ``ConfigError`` naming the key and what is
 allowed. The resolved config (defaults filled in) is written into every run folder.
@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fedfit.devices import DevicesConfig
 
 
 class ConfigError(ValueError):
@@ -141,6 +143,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     method: MethodConfig = field(default_factory=lambda: _method("lora", {}))
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
 
 
 SECTIONS: dict[str, type] = {
@@ -149,6 +152,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "train": TrainConfig,
     "server": ServerConfig,
+    "devices": DevicesConfig,
 }
 
 

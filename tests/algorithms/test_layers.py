@@ -46,7 +46,7 @@ def _updates(state, groups):
 
 @pytest.mark.parametrize("aggregation", ["weighted", "r_weighted"])
 def test_layerwise_aggregation_by_hand(aggregation: str) -> None:
-    _, algorithm, model = layers_setup(f"method.aggregation={aggregation}", "method.depth=1")
+    _, algorithm, model = layers_setup(f"method.aggregation={aggregation}", "method.max_depth=1")
     groups = layer_groups(model, "classification")
     state = algorithm.init(model)
     new = algorithm.aggregate(state, _updates(state, groups))
@@ -63,7 +63,7 @@ def test_layerwise_aggregation_by_hand(aggregation: str) -> None:
 
 
 def test_untrained_layer_keeps_its_value() -> None:
-    _, algorithm, model = layers_setup("method.depth=1")
+    _, algorithm, model = layers_setup("method.max_depth=1")
     groups = layer_groups(model, "classification")
     state = algorithm.init(model)
     only_top = [u for u in _updates(state, groups) if u.client_id == 0]
@@ -73,7 +73,7 @@ def test_untrained_layer_keeps_its_value() -> None:
 
 
 def test_client_trains_and_uploads_only_its_depth() -> None:
-    config, algorithm, model = layers_setup("method.depth=1")
+    config, algorithm, model = layers_setup("method.max_depth=1")
     groups = layer_groups(model, "classification")
     state = algorithm.init(model)
     ctx = ClientContext(train=config.train, meter=CostMeter())

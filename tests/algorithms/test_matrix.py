@@ -11,7 +11,6 @@ import dataclasses
 
 import pytest
 import torch
-from tests.helpers import random_shard
 
 from fedfit.algorithms import ALGORITHMS, make_algorithm
 from fedfit.algorithms.base import ClientContext, Update
@@ -19,6 +18,7 @@ from fedfit.compress import deserialize, payload_bytes, serialize
 from fedfit.config import load_config
 from fedfit.engine.meter import CostMeter
 from fedfit.models import load_model
+from tests.helpers import random_shard
 
 METHODS = sorted(ALGORITHMS)
 

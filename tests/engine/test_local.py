@@ -35,9 +35,10 @@ def rows(path: Path) -> list[dict]:
 
 
 def test_sampling_is_seeded_and_without_replacement() -> None:
-    a = sample_clients(0, 5, 100, 10)
-    assert a == sample_clients(0, 5, 100, 10) and len(set(a)) == 10
-    assert a != sample_clients(0, 6, 100, 10) and a != sample_clients(1, 5, 100, 10)
+    everyone = list(range(100))
+    a = sample_clients(0, 5, everyone, 10)
+    assert a == sample_clients(0, 5, everyone, 10) and len(set(a)) == 10
+    assert a != sample_clients(0, 6, everyone, 10) and a != sample_clients(1, 5, everyone, 10)
 
 
 @pytest.mark.parametrize("method", ["lora", "fedavg"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import torch
-from tests.helpers import random_shard
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedfit.algorithms import make_algorithm
@@ -13,6 +12,7 @@ from fedfit.algorithms.base import ClientContext
 from fedfit.config import load_config
 from fedfit.engine.meter import CostMeter
 from fedfit.models import load_model
+from tests.helpers import random_shard
 
 
 def test_client_flops_equal_flopcountermode_over_the_whole_update() -> None:

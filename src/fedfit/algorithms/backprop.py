@@ -39,6 +39,9 @@ from fedfit.algorithms.base import (
 )
 from fedfit.algorithms.registry import register
 from fedfit.config import Config
+from fedfit.costs.spec import TrainSpec
+from fedfit.devices import Budget
+from fedfit.planning import CostContext, Plan, check
 
 
 @dataclass(frozen=True)
@@ -60,10 +63,29 @@ class FedAvg:
         model.requires_grad_(True)
         return model
 
+    def spec(self, ctx: CostContext) -> TrainSpec | None:
+        """What every client trains, for the cost model (None: no cost model for it)."""
+        return TrainSpec("full", optimizer=ctx.optimizer)
+
+    def plan(self, budget: Budget, ctx: CostContext) -> Plan:
+        """Every client trains the same tensors: it fits its budget or is excluded."""
+        spec = self.spec(ctx)
+        if spec is None:
+            if budget.unlimited:
+                return Plan(True)
+            return Plan(
+                False,
+                f"{self.name} has no cost model yet, so it cannot be planned "
+                "against device budgets",
+            )
+        return check(spec, budget, ctx)
+
     def init(self, model: torch.nn.Module) -> ServerState:
         return ServerState(round=0, params=trainable_tensors(model))
 
-    def configure(self, state: ServerState, client_id: int, seed: int) -> ClientTask:
+    def configure(
+        self, state: ServerState, client_id: int, seed: int, plan: Plan | None = None
+    ) -> ClientTask:
         return ClientTask(client_id, state.round + 1, seed, download=state.params)
 
     def client_update(
@@ -96,6 +118,9 @@ class _AccumulateGrads(torch.optim.Optimizer):
 @register("fedsgd", FullOptions, "FedSGD: clients upload one local gradient, full model")
 class FedSGD(FedAvg):
     name = "fedsgd"
+
+    def spec(self, ctx: CostContext) -> TrainSpec | None:
+        return TrainSpec("full", optimizer="sgd")  # gradients only: no optimiser state
 
     def client_update(
         self, model: torch.nn.Module, task: ClientTask, shard: ClientData, ctx: ClientContext

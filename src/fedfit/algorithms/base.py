@@ -1,6 +1,7 @@
 """The Algorithm protocol, the objects that cross it, and the shared pure functions.
 
-An algorithm is four hooks (DESIGN.md): ``init`` builds the server state, ``configure`` says
+An algorithm is four hooks (DESIGN.md), plus ``plan`` (what a device with a given budget
+would train, and its predicted cost, or why it cannot take part): ``init`` builds the server state, ``configure`` says
 what one client gets this round, ``client_update`` trains on one client's shard and returns
 the payload that would cross the network, ``aggregate`` folds the round's updates into the
 new server state. ``prepare`` runs once per run to mark what is trainable (or wrap the model
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -21,6 +22,10 @@ import torch
 from fedfit.compress import Payload
 from fedfit.config import ServerConfig, TrainConfig
 from fedfit.data import collate
+
+if TYPE_CHECKING:
+    from fedfit.devices import Budget
+    from fedfit.planning import CostContext, Plan
 
 
 @dataclass
@@ -95,8 +100,11 @@ class Algorithm(Protocol):
     name: str
 
     def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module: ...
+    def plan(self, budget: Budget, ctx: CostContext) -> Plan: ...
     def init(self, model: torch.nn.Module) -> ServerState: ...
-    def configure(self, state: ServerState, client_id: int, seed: int) -> ClientTask: ...
+    def configure(
+        self, state: ServerState, client_id: int, seed: int, plan: Plan | None = None
+    ) -> ClientTask: ...
     def client_update(
         self, model: torch.nn.Module, task: ClientTask, shard: ClientData, ctx: ClientContext
     ) -> Update: ...

@@ -19,8 +19,9 @@ Choices the paper leaves open, made here:
   lookup at the bottom require grad and so keep every block's activations).
 - Download = every tensor any client may train (all blocks + head): a client's frozen
   prefix must follow the layers other clients trained in earlier rounds.
-- Depth per client: ``depth`` from the options for now (same for every device); choosing the
-  largest depth that fits each device's budget comes with the device budgets of issue 3.
+- Depth per client: the largest n <= ``max_depth`` whose predicted peak memory, FLOPs per
+  round and upload fit the device's budget (``plan``), on the worst-case batch shape; a
+  device where even n = 1 does not fit is excluded with that reason.
 """
 
 from __future__ import annotations
@@ -43,14 +44,19 @@ from fedfit.algorithms.base import (
     weighted_mean,
 )
 from fedfit.algorithms.registry import register
+from fedfit.costs.spec import TrainSpec
+from fedfit.devices import Budget
 from fedfit.models import transformer_layers
+from fedfit.planning import CostContext, Plan, first_fit
 
 AGGREGATIONS = ("weighted", "r_weighted")
 
 
 @dataclass(frozen=True)
 class LayersOptions:
-    depth: int = field(default=2, metadata={"help": "top transformer blocks each client trains"})
+    max_depth: int = field(
+        default=0, metadata={"help": "most top blocks a client trains; 0 = every block"}
+    )
     aggregation: str = field(
         default="weighted", metadata={"help": "weighted | r_weighted (layer-wise mixing)"}
     )
@@ -58,8 +64,8 @@ class LayersOptions:
     def __post_init__(self) -> None:
         from fedfit.config import ConfigError
 
-        if self.depth < 1:
-            raise ConfigError("method.depth: must be >= 1")
+        if self.max_depth < 0:
+            raise ConfigError("method.max_depth: must be >= 0 (0 = every block)")
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(
                 f"method.aggregation: {self.aggregation!r} is not one of {', '.join(AGGREGATIONS)}"
@@ -101,19 +107,33 @@ def trained_names(groups: list[list[str]], depth: int) -> list[str]:
 
 class LayerFineTuning(FedAvg):
     name = "layers"
+    options: LayersOptions
 
     def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
         """Everything a client may train is marked trainable; client_update narrows it."""
         self.groups = layer_groups(model, task)
-        trained_names(self.groups, self.options.depth)  # fail early on a too-deep option
+        trained_names(self.groups, self.max_depth())  # fail early on a too-deep option
         allowed = {n for group in self.groups for n in group}
         for name, p in model.named_parameters():
             p.requires_grad_(name in allowed)
         return model
 
-    def configure(self, state: ServerState, client_id: int, seed: int) -> ClientTask:
+    def max_depth(self) -> int:
+        return self.options.max_depth or len(self.groups) - 1
+
+    def plan(self, budget: Budget, ctx: CostContext) -> Plan:
+        """The deepest top-n that fits, most blocks first."""
+        specs = [
+            TrainSpec("layers", trained_layers=n, optimizer=ctx.optimizer)
+            for n in range(self.max_depth(), 0, -1)
+        ]
+        return first_fit(specs, budget, ctx)
+
+    def configure(
+        self, state: ServerState, client_id: int, seed: int, plan: Plan | None = None
+    ) -> ClientTask:
         task = ClientTask(client_id, state.round + 1, seed, download=state.params)
-        task.config["depth"] = self.options.depth
+        task.config["depth"] = plan.depth if plan is not None and plan.ok else self.max_depth()
         return task
 
     def client_update(

@@ -24,6 +24,8 @@ from peft import IA3Config, LoraConfig, TaskType, get_peft_model
 
 from fedfit.algorithms.backprop import FedAvg
 from fedfit.algorithms.registry import register
+from fedfit.costs.spec import TrainSpec
+from fedfit.planning import CostContext
 
 HEAD_NAMES = ("classifier", "score")
 
@@ -65,6 +67,12 @@ class LoraOptions:
 class LoRA(FedAvg):
     name = "lora"
 
+    def spec(self, ctx: CostContext) -> TrainSpec | None:
+        opts: LoraOptions = self.options  # type: ignore[assignment]
+        return TrainSpec(
+            "lora", lora_rank=opts.r, lora_targets=opts.target_modules, optimizer=ctx.optimizer
+        )
+
     def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
         opts: LoraOptions = self.options  # type: ignore[assignment]
         family = str(model.config.model_type)  # type: ignore[union-attr]
@@ -94,6 +102,9 @@ class IA3Options:
 class IA3(FedAvg):
     name = "ia3"
 
+    def spec(self, ctx: CostContext) -> TrainSpec | None:
+        return None
+
     def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
         opts: IA3Options = self.options  # type: ignore[assignment]
         config = IA3Config(
@@ -112,6 +123,9 @@ class NoOptions:
 class BitFit(FedAvg):
     name = "bitfit"
 
+    def spec(self, ctx: CostContext) -> TrainSpec | None:
+        return None
+
     def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
         model.requires_grad_(False)
         biases = [p for n, p in model.named_parameters() if n.endswith(".bias")]
@@ -129,6 +143,9 @@ class BitFit(FedAvg):
 
 class Head(FedAvg):
     name = "head"
+
+    def spec(self, ctx: CostContext) -> TrainSpec | None:
+        return TrainSpec("head", optimizer=ctx.optimizer)
 
     def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
         model.requires_grad_(False)

@@ -30,8 +30,10 @@ import torch
 from fedfit.algorithms.base import ClientContext, ServerState, Update, load_tensors_
 from fedfit.compress import deserialize, payload_bytes, serialize
 from fedfit.config import Config, load_config, to_toml
+from fedfit.devices import Budget
 from fedfit.engine.meter import CostMeter
 from fedfit.engine.setup import RunSetup, build, derive_seed, evaluate, log, majority_baseline
+from fedfit.planning import Plan
 
 ProgressFn = Callable[[int, int, dict[str, Any] | None], None]
 
@@ -43,10 +45,12 @@ class RunExistsError(FileExistsError):
     pass
 
 
-def sample_clients(seed: int, round_: int, num_clients: int, per_round: int) -> list[int]:
-    """The round's clients: a seeded sample without replacement, in increasing id order."""
+def sample_clients(seed: int, round_: int, eligible: list[int], per_round: int) -> list[int]:
+    """The round's clients: a seeded sample without replacement from the eligible ones
+    (those that fit their budget), in increasing id order."""
     rng = np.random.default_rng([seed, round_])
-    return sorted(int(c) for c in rng.choice(num_clients, per_round, replace=False))
+    picked = rng.choice(len(eligible), min(per_round, len(eligible)), replace=False)
+    return sorted(eligible[int(i)] for i in picked)
 
 
 def _append(path: Path, row: dict[str, Any]) -> None:
@@ -80,12 +84,13 @@ def run_round(
     """One federated round; returns the new state, per-client rows and the round row."""
     cfg = setup.config
     ctx = ClientContext(train=cfg.train, meter=meter)
-    clients = sample_clients(cfg.run.seed, round_, cfg.data.num_clients, cfg.data.clients_per_round)
+    clients = sample_clients(cfg.run.seed, round_, setup.eligible, cfg.data.clients_per_round)
     updates: list[Update] = []
     client_rows: list[dict[str, Any]] = []
     download_sizes: dict[int, int] = {}
     for cid in clients:
-        task = setup.algorithm.configure(state, cid, derive_seed(cfg.run.seed, round_, cid))
+        plan = setup.plans[cid]
+        task = setup.algorithm.configure(state, cid, derive_seed(cfg.run.seed, round_, cid), plan)
         # Identical downloads (the same global tensors) are serialised once per round.
         key = id(task.download)
         if key not in download_sizes:
@@ -111,6 +116,9 @@ def run_round(
                 "peak_memory_bytes": memory.get("peak_bytes"),
                 "memory": memory,
                 "wall_s": round(wall, 4),
+                **_plan_fields(
+                    plan, setup.population.budgets[cid], setup.population.tier_names[cid]
+                ),
             }
         )
     new_state = setup.algorithm.aggregate(state, updates)
@@ -126,6 +134,24 @@ def run_round(
         "client_flops": sum(r["flops"] for r in client_rows),
     }
     return new_state, client_rows, round_row
+
+
+def _plan_fields(plan: Plan, budget: Budget, tier: str) -> dict[str, Any]:
+    """What the client was assigned, its budget and the predicted cost, beside the measured."""
+    fields: dict[str, Any] = {"tier": tier, "trained": plan.describe() if plan.spec else None}
+    if not budget.unlimited:
+        fields["budget"] = {
+            "memory_bytes": budget.memory_bytes,
+            "flops_per_round": budget.flops_per_round,
+            "upload_bytes": budget.upload_bytes,
+        }
+    if plan.estimate is not None:
+        fields["predicted"] = {
+            "peak_memory_bytes": plan.estimate.peak_bytes,
+            "flops": plan.flops_per_round,
+            "upload_bytes": plan.estimate.upload_bytes,
+        }
+    return fields
 
 
 def _per_client(clients: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -168,7 +194,8 @@ def _summary(
         "majority_baseline": majority_baseline(setup.test),
         "wall_s": round(wall_s, 2),
         "num_clients": cfg.data.num_clients,
-        "excluded_clients": 0,
+        "excluded_clients": len(setup.excluded),
+        "excluded": {str(cid): reason for cid, reason in setup.excluded.items()},
         "trainable_params": trainable,
         "total_params": total,
         "cum_upload_bytes": sum(r["upload_bytes"] for r in rounds),

@@ -16,7 +16,9 @@ from fedfit.algorithms import make_algorithm
 from fedfit.algorithms.base import Algorithm, ClientData
 from fedfit.config import Config
 from fedfit.data import TextDataset, load_dataset, partition, tokenize
+from fedfit.devices import Population, build_population
 from fedfit.models import get_model_info, load_model
+from fedfit.planning import CostContext, Plan, exclusions
 
 
 @dataclass
@@ -29,6 +31,13 @@ class RunSetup:
     shards: list[ClientData]
     test: ClientData
     task: str
+    population: Population
+    plans: list[Plan]
+    excluded: dict[int, str]  # client id -> why it fits nothing
+
+    @property
+    def eligible(self) -> list[int]:
+        return [cid for cid in range(len(self.shards)) if cid not in self.excluded]
 
 
 def derive_seed(*parts: int) -> int:
@@ -100,11 +109,59 @@ def build(config: Config) -> RunSetup:
         pad_id,
         lm,
     )
+    num_labels = max(2, len(dataset.label_names))
+    ctx = cost_context(config, model.config, task, num_labels, shards)
     algorithm = make_algorithm(config)
     # prepare may draw initial values (peft's LoRA A) from torch's global generator.
     torch.manual_seed(derive_seed(config.run.seed, 0x5EED))
     model = algorithm.prepare(model, task)
-    return RunSetup(config, dataset, model, tokenizer, algorithm, shards, test, task)
+    population = build_population(
+        config.devices, config.data.num_clients, ctx.reference(), config.run.seed
+    )
+    plans = [algorithm.plan(budget, ctx) for budget in population.budgets]
+    excluded = exclusions(plans)
+    for cid, reason in excluded.items():
+        log(f"client {cid} ({population.tier_names[cid]}) excluded: {reason}")
+    if excluded:
+        log(
+            f"{len(excluded)} of {len(plans)} clients excluded: they fit no configuration "
+            f"of {config.method.name} within their budget"
+        )
+    return RunSetup(
+        config,
+        dataset,
+        model,
+        tokenizer,
+        algorithm,
+        shards,
+        test,
+        task,
+        population,
+        plans,
+        excluded,
+    )
+
+
+def cost_context(
+    config: Config, model_config: object, task: str, num_labels: int, shards: list[ClientData]
+) -> CostContext:
+    """The worst-case step of this run (full batch of max_length tokens) for predictions."""
+    largest = max(len(s) for s in shards)
+    if config.train.local_steps:
+        steps = config.train.local_steps
+    else:
+        size = min(config.train.batch_size, largest)
+        steps = max(1, round(config.train.local_epochs * max(1, largest // size)))
+    return CostContext(
+        model_config=model_config,
+        task=task,
+        num_labels=num_labels,
+        batch_size=min(config.train.batch_size, largest),
+        seq_len=config.model.max_length,
+        steps=steps,
+        optimizer=config.train.optimizer,
+        margin=config.devices.margin,
+    )
 
 
 @torch.no_grad()

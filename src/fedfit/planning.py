@@ -1,0 +1,114 @@
+"""Who trains what under which budget: predicted costs against each device's budget.
+
+Before round 1 every client of the population gets a ``Plan`` from its method: what it would
+train (a ``TrainSpec``), the predicted cost of a round (``costs.predict`` on the run's
+worst-case batch shape, ``train.batch_size`` x ``model.max_length``, times the local steps),
+and whether that fits its ``Budget`` once predicted memory and FLOPs are raised by the safety
+margin ``devices.margin`` (the cost model is tested to 10% on memory and 5% on FLOPs). A client that fits nothing is excluded with its reason;
+a population where nobody fits is an error before training starts. Predictions are
+worst-case on purpose: real batches are padded only to their longest example, so the
+measured cost of a round is at most the predicted one (checked from clients.jsonl in tests).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fedfit.costs.predict import CostEstimate, predict
+from fedfit.costs.spec import TrainSpec
+from fedfit.devices import Budget, Reference
+
+
+@dataclass(frozen=True)
+class CostContext:
+    """What a prediction needs: the architecture, the task and the client's step shape."""
+
+    model_config: Any
+    task: str
+    num_labels: int
+    batch_size: int
+    seq_len: int
+    steps: int
+    optimizer: str
+    margin: float = 0.0  # predicted memory and FLOPs are scaled by (1 + margin) when fitting
+
+    def padded(self, value: int) -> int:
+        """A predicted amount with the safety margin: what a budget must hold."""
+        return math.ceil(value * (1 + self.margin))
+
+    def estimate(self, spec: TrainSpec) -> CostEstimate:
+        return predict(
+            self.model_config, self.task, self.num_labels, spec, self.batch_size, self.seq_len
+        )
+
+    def reference(self) -> Reference:
+        """What full fine-tuning needs (margin included): "1x" in budgets written as fractions."""
+        full = self.estimate(TrainSpec("full", optimizer=self.optimizer))
+        return Reference(
+            memory_bytes=self.padded(full.peak_bytes),
+            flops_per_round=self.padded(full.flops_per_round(self.steps)),
+            upload_bytes=full.upload_bytes,
+            download_bytes=full.upload_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One client's assignment: what it trains and its predicted cost, or why it is out."""
+
+    ok: bool
+    reason: str = ""
+    spec: TrainSpec | None = None
+    estimate: CostEstimate | None = None
+    flops_per_round: int = 0
+
+    @property
+    def depth(self) -> int:
+        return self.spec.trained_layers if self.spec else 0
+
+    def describe(self) -> str:
+        if not self.ok or self.spec is None:
+            return "excluded"
+        return describe_spec(self.spec)
+
+
+def describe_spec(spec: TrainSpec) -> str:
+    return {
+        "full": "full model",
+        "lora": f"LoRA r={spec.lora_rank} + head",
+        "layers": f"top {spec.trained_layers} blocks + head",
+        "head": "head only",
+    }[spec.kind]
+
+
+def check(spec: TrainSpec, budget: Budget, ctx: CostContext) -> Plan:
+    """The plan for a fixed spec: fits or not, with the first exceeded resource named."""
+    estimate = ctx.estimate(spec)
+    flops = estimate.flops_per_round(ctx.steps)
+    ok, reason = budget.fits(
+        ctx.padded(estimate.peak_bytes), ctx.padded(flops), estimate.upload_bytes
+    )
+    return Plan(ok, reason, spec, estimate, flops)
+
+
+def first_fit(specs: Sequence[TrainSpec], budget: Budget, ctx: CostContext) -> Plan:
+    """The first spec (callers order them most-capable first) that fits; else the reason the
+    last (least demanding) one does not."""
+    plan = Plan(False, "no candidate")
+    for spec in specs:
+        plan = check(spec, budget, ctx)
+        if plan.ok:
+            return plan
+    return plan
+
+
+def exclusions(plans: Sequence[Plan]) -> dict[int, str]:
+    """Client id -> reason, for every client that fits nothing; error if nobody fits."""
+    out = {cid: p.reason for cid, p in enumerate(plans) if not p.ok}
+    if len(out) == len(plans):
+        reasons = sorted(set(out.values()))
+        raise ValueError(f"no device of the population fits this method: {'; '.join(reasons[:3])}")
+    return out

@@ -1,0 +1,53 @@
+"""Budgets in a run: excluded devices are counted, nobody ever runs over budget (measured)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedfit.config import load_config
+from fedfit.engine.local import run
+from tests.engine.test_local import TINY
+
+TIERS = (
+    "devices.tiers=['tiny share=0.25 memory=1/8x', 'half share=0.5 memory=1/2x', "
+    "'full share=0.25 memory=1x']"
+)
+
+
+def tiered(tmp_path: Path, method: str, tiers: str = TIERS, *extra: str):
+    return load_config(
+        None,
+        [*TINY, f"run.output_dir={tmp_path}", f"method.name={method}", "run.rounds=2",
+         "devices.population=tiers", tiers, *extra],
+    )
+
+
+@pytest.mark.parametrize("method", ["layers", "fedavg", "lora"])
+def test_no_client_exceeds_its_budget(tmp_path: Path, method: str) -> None:
+    out = run(tiered(tmp_path, method), plots=False)
+    rows = [json.loads(line) for line in (out / "clients.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert rows
+    for r in rows:
+        budget = r["budget"]
+        assert r["peak_memory_bytes"] <= budget["memory_bytes"], r
+        assert r["tier"] != "tiny" or method == "lora"
+        assert r["predicted"]["peak_memory_bytes"] <= budget["memory_bytes"]
+    # the 1/8 tier cannot hold the weights of full fine-tuning, nor of layer fine-tuning
+    tiny_clients = 3  # 25% of 12
+    if method in ("layers", "fedavg"):
+        assert summary["excluded_clients"] >= tiny_clients
+        assert all("memory" in reason for reason in summary["excluded"].values())
+    if method == "fedavg":  # only the 1x tier fits full fine-tuning
+        assert summary["excluded_clients"] == 12 - 3
+    if method == "layers":  # the half tier trains fewer blocks than the full tier
+        depth = {r["tier"]: r["trained"] for r in rows}
+        assert depth.get("full") == "top 2 blocks + head"
+
+
+def test_population_where_nobody_fits_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no device of the population fits"):
+        run(tiered(tmp_path, "fedavg", "devices.tiers=['small share=1 memory=1/4x']"))
