@@ -8,7 +8,7 @@ from fedfit.algorithms import ALGORITHMS
 from fedfit.cli import main, parser
 from fedfit.models import list_models
 
-COMMANDS = ["run", "central", "report", "compare", "methods", "models", "data"]
+COMMANDS = ["run", "central", "plan", "report", "compare", "methods", "models", "data"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -32,3 +32,16 @@ def test_methods_and_models_list_every_name(
 def test_missing_run_folder_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", "runs/does-not-exist"]) == 2
     assert "does-not-exist" in capsys.readouterr().err
+
+
+@pytest.mark.real
+def test_plan_prints_a_table_per_tier(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["plan", "examples/heterogeneous.toml"]) == 0
+    out = capsys.readouterr().out
+    for tier in ("eighth", "quarter", "half", "full"):
+        assert f"tier {tier}: 25 devices" in out
+    assert "full model" in out and "LoRA r=8 + head" in out and "blocks + head" in out
+    assert "excluded: memory" in out

@@ -1,4 +1,4 @@
-"""``fedfit`` command line: run | central | report | compare | methods | models | data."""
+"""``fedfit`` command line: run | central | plan | report | compare | methods | models | data."""
 
 from __future__ import annotations
 
@@ -125,6 +125,38 @@ def cmd_central(args: argparse.Namespace) -> int:
     return _central(args.config, args.set, args.overwrite)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from fedfit.config import load_config
+    from fedfit.engine.plan import plan_rows
+    from fedfit.report import format_bytes, format_flops
+
+    config = load_config(args.config, args.set)
+    rows = plan_rows(config, tuple(args.methods or ()))
+    out = Console()
+    for tier in dict.fromkeys(r.tier for r in rows):
+        group = [r for r in rows if r.tier == tier]
+        budget = group[0].budget
+        table = Table(
+            title=f"tier {tier}: {group[0].num_devices} devices, budget {budget}",
+            caption=f"predicted on a {group[0].ctx.batch_size} x {group[0].ctx.seq_len} batch, "
+            f"{group[0].ctx.steps} steps/round, +{config.devices.margin:.0%} margin",
+        )
+        for col in ("method", "trains", "peak memory", "FLOPs / round", "upload", "devices"):
+            table.add_column(col)
+        for r in group:
+            fits = r.plan.ok
+            table.add_row(
+                r.method,
+                r.plan.describe() if fits else f"[red]excluded: {r.plan.reason}[/]",
+                format_bytes(r.memory),
+                format_flops(r.flops),
+                format_bytes(r.upload),
+                f"{r.num_devices if fits else 0}/{r.num_devices}",
+            )
+        out.print(table)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from fedfit.report import print_report
 
@@ -249,6 +281,20 @@ def parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_central)
+
+    p = sub.add_parser(
+        "plan",
+        help="per device tier: what each method would train, predicted cost vs budget",
+        epilog=EPILOG,
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="NAME",
+        help="methods to compare besides the configured one (default: layers lora fedavg)",
+    )
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("report", help="print a run's table and redraw its plots")
     p.add_argument("run", help="run folder, e.g. runs/default")

@@ -51,7 +51,7 @@ is built from the tensor names and shapes the model would have, so it is exact.
 
 from __future__ import annotations
 
-import json
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -439,13 +439,13 @@ def safetensors_bytes(tensors: list[tuple[str, Shape]]) -> int:
     with dtype, shape and data offsets; no spaces) padded with spaces to a multiple of 8, then
     the raw data.
     """
-    entries, offset = [], 0
+    header, offset = 1, 0  # "{" (the "}" takes the place of the last entry's comma)
     for name, shape in sorted(tensors):
         end = offset + F32 * _numel(shape)
-        info = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, end]}
-        entries.append(json.dumps(name) + ":" + json.dumps(info, separators=(",", ":")))
+        dims = ",".join(map(str, shape))
+        header += len(f'"{name}":{{"dtype":"F32","shape":[{dims}],"data_offsets":[{offset},{end}]}},')
         offset = end
-    header = len("{" + ",".join(entries) + "}")
+    header = max(header, 2)  # "{}" when there are no tensors
     return 8 + header + (-header) % 8 + offset
 
 
@@ -485,8 +485,12 @@ def _step(
         # q * cos and rotate_half(q) * sin keep cos and sin only when something is trained
         saved += rope if (full or spec.kind in ("lora", "layers")) else 0
     x = F32 * n * h  # the hidden state handed from block to block
+    seen: dict[tuple[bool, bool], tuple[_Tally, bool, bool]] = {}  # blocks differ only by these
     for i in range(arch.layers):
-        t, out_rg, in_saved = block(arch, b, tokens, x_rg, i >= first_trained, ranks)
+        key = (x_rg, i >= first_trained)
+        if key not in seen:
+            seen[key] = block(arch, b, tokens, *key, ranks)
+        t, out_rg, in_saved = seen[key]
         if i == 0 and not (in_saved or (arch.family == "llama" and full)):
             # the embedding output stays referenced by the model's forward until it returns
             forward_only += x
@@ -527,6 +531,29 @@ def _step(
     return max(forward_peak, saved + backward_extra), flops
 
 
+@functools.lru_cache(maxsize=4096)
+def _static_costs(
+    arch: _Arch, task: str, num_labels: int, spec: TrainSpec
+) -> tuple[int, int, int, int, int, int]:
+    """(weights, grads, optimiser state, optimiser temporaries, upload bytes, trainable params):
+    everything that does not depend on the batch shape (cached: the planner asks often)."""
+    params = _parameters(arch, task, num_labels)
+    trained = _trainable(arch, spec, task, params)
+    trainable_params = sum(_numel(s) for _, s in trained)
+    weights = F32 * sum(_numel(s) for _, s, _ in params) + _buffers_bytes(arch)
+    if spec.kind == "lora":  # the adapters and peft's trainable copy of the head
+        weights += F32 * trainable_params
+    grads = F32 * trainable_params
+    largest = max((F32 * _numel(s) for _, s in trained), default=0)
+    if spec.optimizer == "adamw":
+        optimizer = 2 * grads + F32 * len(trained)
+        temporaries = 2 * largest  # sqrt(v) and its division by the bias correction
+    else:
+        optimizer = temporaries = 0
+    upload = safetensors_bytes(trained)
+    return weights, grads, optimizer, temporaries, upload, trainable_params
+
+
 def predict(
     model_config: Any,
     task: str,
@@ -543,19 +570,15 @@ def predict(
     mask (collated batches nearly always do). Analytic: no model is built.
     """
     arch = _arch(model_config)
-    params = _parameters(arch, task, num_labels)
-    trained = _trainable(arch, spec, task, params)
-    trainable_params = sum(_numel(s) for _, s in trained)
-    weights = F32 * sum(_numel(s) for _, s, _ in params) + _buffers_bytes(arch)
-    if spec.kind == "lora":  # the adapters and peft's trainable copy of the head
-        weights += F32 * trainable_params
-    grads = F32 * trainable_params
-    largest = max((F32 * _numel(s) for _, s in trained), default=0)
-    if spec.optimizer == "adamw":
-        optimizer = 2 * grads + F32 * len(trained)
-        temporaries = 2 * largest  # sqrt(v) and its division by the bias correction
-    else:
-        optimizer = temporaries = 0
+    if task not in ("classification", "lm") or (arch.family == "bert" and task == "lm"):
+        raise ValueError(f"predict: task {task!r} is not supported for {arch.family}")
+    if spec.kind == "head" and task != "classification":
+        raise ValueError("predict: TrainSpec(kind='head') needs task='classification'")
+    if spec.kind == "layers" and spec.trained_layers > arch.layers:
+        raise ValueError(f"trained_layers={spec.trained_layers} > the {arch.layers} blocks")
+    weights, grads, optimizer, temporaries, upload, trainable_params = _static_costs(
+        arch, task, num_labels, spec
+    )
     activations, flops = _step(arch, task, num_labels, spec, batch_size, seq_len, padded)
     peak = weights + max(activations, grads + optimizer + temporaries)
     return CostEstimate(
@@ -565,6 +588,6 @@ def predict(
         activations_bytes=activations,
         peak_bytes=peak,
         flops_per_step=flops,
-        upload_bytes=safetensors_bytes(trained),
+        upload_bytes=upload,
         trainable_params=trainable_params,
     )

@@ -110,7 +110,7 @@ def build(config: Config) -> RunSetup:
         lm,
     )
     num_labels = max(2, len(dataset.label_names))
-    ctx = cost_context(config, model.config, task, num_labels, shards)
+    ctx = cost_context_for(config, model.config, task, num_labels, max(len(s) for s in shards))
     algorithm = make_algorithm(config)
     # prepare may draw initial values (peft's LoRA A) from torch's global generator.
     torch.manual_seed(derive_seed(config.run.seed, 0x5EED))
@@ -142,11 +142,11 @@ def build(config: Config) -> RunSetup:
     )
 
 
-def cost_context(
-    config: Config, model_config: object, task: str, num_labels: int, shards: list[ClientData]
+def cost_context_for(
+    config: Config, model_config: object, task: str, num_labels: int, largest: int
 ) -> CostContext:
-    """The worst-case step of this run (full batch of max_length tokens) for predictions."""
-    largest = max(len(s) for s in shards)
+    """The worst-case step of this run (full batch of max_length tokens) for predictions;
+    ``largest``: the most examples a client holds (sets the steps of an epoch)."""
     if config.train.local_steps:
         steps = config.train.local_steps
     else:
