@@ -20,8 +20,15 @@ TIERS = (
 def tiered(tmp_path: Path, method: str, tiers: str = TIERS, *extra: str):
     return load_config(
         None,
-        [*TINY, f"run.output_dir={tmp_path}", f"method.name={method}", "run.rounds=2",
-         "devices.population=tiers", tiers, *extra],
+        [
+            *TINY,
+            f"run.output_dir={tmp_path}",
+            f"method.name={method}",
+            "run.rounds=2",
+            "devices.population=tiers",
+            tiers,
+            *extra,
+        ],
     )
 
 

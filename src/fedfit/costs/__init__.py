@@ -1,6 +1,8 @@
 """What a client's work costs: peak memory by category, FLOPs, bytes on the wire.
 
 - :mod:`fedfit.costs.measure`: the measured side (run the real step, record the truth).
+- :mod:`fedfit.costs.spec`: what a client trains (:class:`TrainSpec`), applied to a real model
+  and measured for one step (:func:`measure`).
 - :mod:`fedfit.costs.predict`: the analytic side (closed-form estimates for planning).
 """
 
@@ -14,12 +16,20 @@ from fedfit.costs.measure import (
     measure_step,
     storage_bytes,
 )
+from fedfit.costs.predict import CostEstimate, predict, safetensors_bytes
+from fedfit.costs.spec import TrainSpec, apply_spec, measure
 
 __all__ = [
     "ClientCost",
+    "CostEstimate",
     "MemoryTracker",
     "StepMemory",
+    "TrainSpec",
+    "apply_spec",
     "count_flops",
+    "measure",
     "measure_step",
+    "predict",
+    "safetensors_bytes",
     "storage_bytes",
 ]

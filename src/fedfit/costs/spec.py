@@ -93,7 +93,7 @@ def apply_spec(model: torch.nn.Module, spec: TrainSpec, task: str) -> torch.nn.M
             task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
             r=spec.lora_rank,
             lora_alpha=2 * spec.lora_rank,
-            target_modules=list(spec.targets(str(model.config.model_type))),
+            target_modules=list(spec.targets(str(model.config.model_type))),  # type: ignore[union-attr]
         )
         return get_peft_model(model, config)  # type: ignore[arg-type]
     model.requires_grad_(False)
