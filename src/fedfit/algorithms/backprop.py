@@ -80,6 +80,9 @@ class FedAvg:
             )
         return check(spec, budget, ctx)
 
+    def plan_done(self, model: torch.nn.Module, plans: Sequence[Plan]) -> None:
+        """Called once with every client's plan (excluded ones included); nothing to do."""
+
     def init(self, model: torch.nn.Module) -> ServerState:
         return ServerState(round=0, params=trainable_tensors(model))
 

@@ -101,6 +101,7 @@ class Algorithm(Protocol):
 
     def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module: ...
     def plan(self, budget: Budget, ctx: CostContext) -> Plan: ...
+    def plan_done(self, model: torch.nn.Module, plans: Sequence[Plan]) -> None: ...
     def init(self, model: torch.nn.Module) -> ServerState: ...
     def configure(
         self, state: ServerState, client_id: int, seed: int, plan: Plan | None = None
@@ -191,15 +192,22 @@ def batch_indices(num_examples: int, train: TrainConfig, seed: int) -> Iterator[
 
 
 def local_train(
-    model: torch.nn.Module, shard: ClientData, ctx: ClientContext, seed: int
+    model: torch.nn.Module,
+    shard: ClientData,
+    ctx: ClientContext,
+    seed: int,
+    eval_modules: Sequence[torch.nn.Module] = (),
 ) -> dict[str, float]:
     """Local training of the model's trainable parameters on one shard (backprop).
 
     Dropout draws from torch's global generator, which is seeded from ``seed`` so that the
-    same (run seed, round, client) always gives the same update.
+    same (run seed, round, client) always gives the same update. ``eval_modules`` run in
+    eval mode (no dropout) while the rest trains: frozen feature extractors.
     """
     torch.manual_seed(seed)
     model.train()
+    for module in eval_modules:
+        module.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, ctx.train)
     losses = [

@@ -17,6 +17,9 @@ Choices the paper leaves open, made here:
   and score (classification) or final norm only (causal LM: SmolLM2 ties the output
   projection to the input embeddings, and training that matrix would make the embedding
   lookup at the bottom require grad and so keep every block's activations).
+- Frozen blocks (and the embeddings) run in eval mode, without dropout, while the top
+  blocks train: they are a fixed feature extractor. This also makes their outputs fixed per
+  example, which the frozen-prefix cache (prefix_cache.py) relies on.
 - Download = every tensor any client may train (all blocks + head): a client's frozen
   prefix must follow the layers other clients trained in earlier rounds.
 - Depth per client: the largest n <= ``max_depth`` whose predicted peak memory, FLOPs per
@@ -26,9 +29,12 @@ Choices the paper leaves open, made here:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 
 from fedfit.algorithms.backprop import FedAvg
@@ -37,12 +43,14 @@ from fedfit.algorithms.base import (
     ClientData,
     ClientTask,
     ServerState,
+    StepMeter,
     Update,
     apply_server_update,
     load_tensors_,
     local_train,
     weighted_mean,
 )
+from fedfit.algorithms.prefix_cache import PrefixCache
 from fedfit.algorithms.registry import register
 from fedfit.costs.spec import TrainSpec
 from fedfit.devices import Budget
@@ -59,6 +67,10 @@ class LayersOptions:
     )
     aggregation: str = field(
         default="weighted", metadata={"help": "weighted | r_weighted (layer-wise mixing)"}
+    )
+    prefix_cache: bool = field(
+        default=True,
+        metadata={"help": "simulation: reuse outputs of the blocks no device trains"},
     )
 
     def __post_init__(self) -> None:
@@ -129,6 +141,20 @@ class LayerFineTuning(FedAvg):
         ]
         return first_fit(specs, budget, ctx)
 
+    def plan_done(self, model: torch.nn.Module, plans: Sequence[Plan]) -> None:
+        """With every device's depth known, the blocks nobody trains can be cached."""
+        deepest = max((p.depth for p in plans if p.ok and p.spec is not None), default=0)
+        frozen = len(self.groups) - 1 - (deepest or self.max_depth())
+        self.cache = (
+            PrefixCache(model, frozen) if self.options.prefix_cache and frozen > 0 else None
+        )
+        if self.cache is not None:
+            print(
+                f"layers: blocks 0-{frozen - 1} are trained by no device; their outputs are "
+                "cached per example (frozen-prefix cache)",
+                file=sys.stderr,
+            )
+
     def configure(
         self, state: ServerState, client_id: int, seed: int, plan: Plan | None = None
     ) -> ClientTask:
@@ -145,14 +171,31 @@ class LayerFineTuning(FedAvg):
         allowed = {n for group in self.groups for n in group}
         for name in allowed:
             params[name].requires_grad_(name in names)
+        depth = int(task.config["depth"])
+        blocks = list(transformer_layers(model))
+        frozen = [self._embeddings(model), *blocks[: len(blocks) - depth]]
+        cache: PrefixCache | None = getattr(self, "cache", None)
         try:
-            metrics = local_train(model, shard, ctx, task.seed)
+            if cache is None:
+                metrics = local_train(model, shard, ctx, task.seed, eval_modules=frozen)
+            else:
+                with cache.replaying():
+                    view = _CachedShard(shard, cache)
+                    meter = _PrefixMeter(ctx.meter, cache)
+                    metrics = local_train(
+                        model, view, ClientContext(ctx.train, meter), task.seed, frozen
+                    )
         finally:
             for name in allowed:
                 params[name].requires_grad_(True)
         payload = {n: params[n].detach().clone() for n in sorted(names)}
         metrics["trained_layers"] = float(task.config["depth"])
         return Update(task.client_id, payload, len(shard), metrics)
+
+    @staticmethod
+    def _embeddings(model: torch.nn.Module) -> torch.nn.Module:
+        base: Any = model.base_model if hasattr(model, "base_model") else model
+        return base.embeddings if hasattr(base, "embeddings") else base.embed_tokens
 
     def aggregate(self, state: ServerState, updates: Sequence[Update]) -> ServerState:
         mean = weighted_mean([u.payload for u in updates], [u.num_examples for u in updates])
@@ -161,6 +204,33 @@ class LayerFineTuning(FedAvg):
                 r = sum(name in u.payload for u in updates) / len(updates)
                 mean[name] = r * mean[name] + (1 - r) * state.params[name].to(mean[name].dtype)
         return apply_server_update(state, mean, self.config.server)
+
+
+class _CachedShard(ClientData):
+    """A shard whose batches arm the prefix cache's replay with their cached states."""
+
+    def __init__(self, shard: ClientData, cache: PrefixCache) -> None:
+        super().__init__(shard.client_id, shard.seqs, shard.labels, shard.pad_id, shard.lm)
+        self.shard, self.cache = shard, cache
+
+    def batch(self, index: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        return self.cache.batch(self.shard, index)
+
+
+class _PrefixMeter:
+    """The engine's meter, with the skipped prefix's measured cost added to every step."""
+
+    def __init__(self, meter: StepMeter, cache: PrefixCache) -> None:
+        self.meter, self.cache = meter, cache
+
+    def train_step(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batch: dict[str, torch.Tensor],
+    ) -> float:
+        skipped = self.cache.costs[tuple(batch["input_ids"].shape)]
+        return self.meter.train_step(model, optimizer, batch, skipped)  # type: ignore[call-arg]
 
 
 register(

@@ -10,6 +10,8 @@ cache keeps the overhead of the instrumented step to a handful of steps per run.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from fedfit.costs import StepMemory, measure_step
@@ -24,6 +26,12 @@ def plain_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
+
+
+class SkippedWork(Protocol):
+    flops: int
+
+    def add_to(self, step: StepMemory) -> StepMemory: ...
 
 
 class CostMeter:
@@ -46,16 +54,21 @@ class CostMeter:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         batch: dict[str, torch.Tensor],
+        skipped: SkippedWork | None = None,
     ) -> float:
+        """One real step. ``skipped``: device work the simulation did not run this step (a
+        cached frozen prefix); its measured cost is added to the step's."""
         # Cost depends on the batch shape and on what is trained (layer depth, adapters).
         trainable = [p.numel() for p in model.parameters() if p.requires_grad]
-        key = (*batch["input_ids"].shape, len(trainable), sum(trainable))
+        key = (*batch["input_ids"].shape, len(trainable), sum(trainable), skipped is not None)
         if key in self._cache:
             loss = plain_step(model, optimizer, batch)
             flops, memory = self._cache[key]
         else:
             loss, memory, flops = measure_step(model, optimizer, batch)
             self._cache[key] = (flops, memory)
+        if skipped is not None:
+            flops, memory = flops + skipped.flops, skipped.add_to(memory)
         self.flops += flops
         if self.memory is None or memory.peak_bytes > self.memory.peak_bytes:
             self.memory = memory

@@ -120,6 +120,7 @@ def build(config: Config) -> RunSetup:
     )
     plans = [algorithm.plan(budget, ctx) for budget in population.budgets]
     excluded = exclusions(plans)
+    algorithm.plan_done(model, plans)
     for cid, reason in excluded.items():
         log(f"client {cid} ({population.tier_names[cid]}) excluded: {reason}")
     if excluded:
