@@ -154,7 +154,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 f"{r.num_devices if fits else 0}/{r.num_devices}",
             )
         out.print(table)
+    if config.method.name == "layers" or args.choose_model:
+        _print_model_choice(config, out)
     return 0
+
+
+def _print_model_choice(config: Any, out: Console) -> None:
+    from fedfit.engine.plan import choose_model
+
+    picked, choices, why = choose_model(config)
+    table = Table(title="model choice for layer fine-tuning (Pfeiffer et al.)")
+    tiers = list(choices[0].depth_by_tier)
+    for col in ("model", "blocks", *(f"depth: {t}" for t in tiers), "mean depth", "excluded"):
+        table.add_column(col)
+    for c in choices:
+        table.add_row(
+            c.model,
+            str(c.num_blocks),
+            *(str(c.depth_by_tier[t]) for t in tiers),
+            f"{c.mean_depth:.2f}",
+            str(c.excluded),
+        )
+    out.print(table)
+    out.print(f"picked {why}")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -288,6 +310,11 @@ def parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     _add_config_args(p)
+    p.add_argument(
+        "--choose-model",
+        action="store_true",
+        help="also pick the zoo model for layer fine-tuning (always shown for method layers)",
+    )
     p.add_argument(
         "--methods",
         nargs="+",

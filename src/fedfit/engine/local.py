@@ -87,14 +87,15 @@ def run_round(
     clients = sample_clients(cfg.run.seed, round_, setup.eligible, cfg.data.clients_per_round)
     updates: list[Update] = []
     client_rows: list[dict[str, Any]] = []
-    download_sizes: dict[int, int] = {}
+    # Identical downloads (the same global tensors) are serialised once per round; the dict
+    # holds the payload itself so that its id cannot be reused by another object meanwhile.
+    download_sizes: dict[int, tuple[object, int]] = {}
     for cid in clients:
         plan = setup.plans[cid]
         task = setup.algorithm.configure(state, cid, derive_seed(cfg.run.seed, round_, cid), plan)
-        # Identical downloads (the same global tensors) are serialised once per round.
         key = id(task.download)
         if key not in download_sizes:
-            download_sizes[key] = payload_bytes(task.download)
+            download_sizes[key] = (task.download, payload_bytes(task.download))
         meter.start_client()
         t0 = time.perf_counter()
         update = setup.algorithm.client_update(setup.model, task, setup.shards[cid], ctx)
@@ -111,7 +112,7 @@ def run_round(
                 "steps": int(update.metrics.get("steps", 0)),
                 "train_loss": update.metrics.get("train_loss"),
                 "upload_bytes": len(wire),
-                "download_bytes": download_sizes[key],
+                "download_bytes": download_sizes[key][1],
                 "flops": meter.flops,
                 "peak_memory_bytes": memory.get("peak_bytes"),
                 "memory": memory,
