@@ -603,7 +603,9 @@ def predict(
         arch, task, num_labels, spec
     )
     activations, flops = _step(arch, task, num_labels, spec, batch_size, seq_len, padded)
-    peak = weights + max(activations, grads + optimizer + temporaries)
+    # Steady state: from a round's second step on, the optimiser state is resident while
+    # the forward and backward passes run (the first step's peak is never higher).
+    peak = weights + optimizer + max(activations, grads + temporaries)
     return CostEstimate(
         weights_bytes=weights,
         grads_bytes=grads,

@@ -125,8 +125,12 @@ def make_optimizer(model: torch.nn.Module, spec: TrainSpec) -> torch.optim.Optim
 def measure(
     model: torch.nn.Module, spec: TrainSpec, batch: dict[str, torch.Tensor], task: str | None = None
 ) -> tuple[StepMemory, int]:
-    """Apply ``spec`` to ``model``, then run ONE real training step (train mode, fresh
-    optimiser) under :func:`measure_step`; returns (memory, FLOPs).
+    """Apply ``spec`` to ``model``, then run ONE real training step (train mode) under
+    :func:`measure_step`; returns (memory, FLOPs).
+
+    The measured step is a steady-state one: a first, unmeasured step creates the optimiser
+    state, which then stays resident through every later forward and backward pass (the
+    peak a device meets for all but its first step of a round).
 
     ``task`` defaults to "lm" for a ``*ForCausalLM`` and "classification" otherwise. The model
     is modified in place (requires_grad flags, one optimiser step; LoRA wraps it).
@@ -136,5 +140,6 @@ def measure(
     model = apply_spec(model, spec, task)
     model.train()
     optimizer = make_optimizer(model, spec)
+    measure_step(model, optimizer, batch)  # creates the optimiser state
     _, memory, flops = measure_step(model, optimizer, batch)
     return memory, flops

@@ -60,7 +60,15 @@ class CostMeter:
         cached frozen prefix); its measured cost is added to the step's."""
         # Cost depends on the batch shape and on what is trained (layer depth, adapters).
         trainable = [p.numel() for p in model.parameters() if p.requires_grad]
-        key = (*batch["input_ids"].shape, len(trainable), sum(trainable), skipped is not None)
+        # A client's first step creates the optimiser state; later steps carry it through
+        # forward and backward, so they peak higher: both kinds are measured.
+        key = (
+            *batch["input_ids"].shape,
+            len(trainable),
+            sum(trainable),
+            skipped is not None,
+            bool(optimizer.state),
+        )
         if key in self._cache:
             loss = plain_step(model, optimizer, batch)
             flops, memory = self._cache[key]
