@@ -46,4 +46,5 @@ def test_plan_prints_a_table_per_tier(
     assert "full model" in out and "LoRA r=8 + head" in out and "blocks + head" in out
     assert "excluded: memory" in out
     # method = "layers": the model choice over the zoo is shown with its reason
-    assert "model choice for layer fine-tuning" in out and "picked minilm-l3" in out
+    assert "model choice for layer fine-tuning" in out and "picked minilm-l" in out
+    assert "blocks per device on average" in out
