@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from fedfit.algorithms import make_algorithm
 from fedfit.config import Config, from_dict, to_dict
-from fedfit.data import TextDataset, load_dataset, partition
+from fedfit.data import TextDataset, load_dataset
 from fedfit.devices import Budget, build_population
-from fedfit.engine.setup import cost_context_for
+from fedfit.engine.setup import cost_context_for, partition_clients
 from fedfit.models import load_model, transformer_layers
 from fedfit.planning import CostContext, Plan
 
@@ -68,15 +68,7 @@ def plan_rows(config: Config, methods: tuple[str, ...] = ()) -> list[PlanRow]:
 def _data(config: Config) -> tuple[TextDataset, int, int]:
     """The dataset, its number of labels, and the most examples one client holds."""
     dataset = load_dataset(config.data.name)
-    parts = partition(
-        None if dataset.task == "lm" else dataset.train_labels,
-        dataset.train_groups,
-        config.data.num_clients,
-        config.data.partition,
-        alpha=config.data.alpha,
-        min_examples=config.data.min_examples,
-        seed=config.run.seed,
-    )
+    parts = partition_clients(config, dataset)
     return dataset, max(2, len(dataset.label_names)), max(len(p) for p in parts)
 
 

@@ -49,6 +49,19 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def partition_clients(config: Config, dataset: TextDataset) -> list[np.ndarray]:
+    """The run's client shards (train-set indices) as configured in [data]."""
+    return partition(
+        None if dataset.task == "lm" else dataset.train_labels,
+        dataset.train_groups,
+        config.data.num_clients,
+        config.data.partition,
+        alpha=config.data.alpha,
+        min_examples=config.data.min_examples,
+        seed=config.run.seed,
+    )
+
+
 def build(config: Config) -> RunSetup:
     """Load data and model, partition, tokenise (cached), prepare the algorithm's model."""
     if config.run.threads:
@@ -71,15 +84,7 @@ def build(config: Config) -> RunSetup:
     train_labels = None if lm else np.asarray(dataset.train_labels)
     test_labels = None if lm else np.asarray(dataset.test_labels)
 
-    parts = partition(
-        None if lm else dataset.train_labels,
-        dataset.train_groups,
-        config.data.num_clients,
-        config.data.partition,
-        alpha=config.data.alpha,
-        min_examples=config.data.min_examples,
-        seed=config.run.seed,
-    )
+    parts = partition_clients(config, dataset)
     if len(parts) != config.data.num_clients:
         raise ValueError(
             f"data.num_clients = {config.data.num_clients} but the {config.data.partition} "
