@@ -65,7 +65,9 @@ class DataConfig:
     name: str = field(default="tweets", metadata={"help": "dataset (fedfit data)"})
     num_clients: int = field(default=100, metadata={"help": "clients in the population"})
     clients_per_round: int = field(default=10, metadata={"help": "clients sampled per round"})
-    partition: str = field(default="dirichlet", metadata={"help": "iid | dirichlet | natural"})
+    partition: str = field(
+        default="dirichlet", metadata={"help": "iid | dirichlet | inner_dirichlet | natural"}
+    )
     alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration"})
     min_examples: int = field(default=10, metadata={"help": "minimum examples per client"})
     eval_examples: int = field(
@@ -79,7 +81,9 @@ class DataConfig:
             "data.clients_per_round",
             f"must be between 1 and data.num_clients ({self.num_clients})",
         )
-        _choice(self.partition, "data.partition", ("iid", "dirichlet", "natural"))
+        _choice(
+            self.partition, "data.partition", ("iid", "dirichlet", "inner_dirichlet", "natural")
+        )
         _check(self.alpha > 0, "data.alpha", "must be > 0")
         _check(self.min_examples >= 1, "data.min_examples", "must be >= 1")
         _check(self.eval_examples >= 0, "data.eval_examples", "must be >= 0")

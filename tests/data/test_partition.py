@@ -130,3 +130,17 @@ def test_natural_on_shakespeare_roles() -> None:
         assert {groups[i] for i in part} == {name}
         assert len(part) == groups.count(name)
     assert [len(p) for p in parts] == sorted((len(p) for p in parts), reverse=True)
+
+
+def test_inner_dirichlet_equal_sizes_disjoint_and_skewed_at_low_alpha() -> None:
+    labels = _labels(3000)
+    parts = partition(labels, None, 100, "inner_dirichlet", alpha=0.1, min_examples=1)
+    assert [len(p) for p in parts] == [30] * 100  # equal sizes: no empty client at alpha 0.1
+    flat = np.concatenate(parts)
+    assert len(np.unique(flat)) == len(flat)  # disjoint (n // k each, remainder unused)
+    assert all(np.all(np.diff(p) > 0) for p in parts)
+    low = label_skew(parts, labels, 3)
+    high = label_skew(partition(labels, None, 100, "inner_dirichlet", alpha=100.0), labels, 3)
+    assert low > 0.4 and high < 0.2
+    again = partition(labels, None, 100, "inner_dirichlet", alpha=0.1, min_examples=1)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))

@@ -86,6 +86,9 @@ class FedAvg:
     def init(self, model: torch.nn.Module) -> ServerState:
         return ServerState(round=0, params=trainable_tensors(model))
 
+    def start_round(self, state: ServerState, clients: Sequence[int]) -> None:
+        """The round's clients, in order, before any ``configure``; nothing to do here."""
+
     def configure(
         self, state: ServerState, client_id: int, seed: int, plan: Plan | None = None
     ) -> ClientTask:

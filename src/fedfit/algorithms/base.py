@@ -1,6 +1,7 @@
 """The Algorithm protocol, the objects that cross it, and the shared pure functions.
 
-An algorithm is four hooks (DESIGN.md), plus ``plan`` (what a device with a given budget
+An algorithm is four hooks (DESIGN.md), plus ``start_round`` (told the round's sampled
+clients in order before any ``configure``: Spry splits the tensors among them) and ``plan`` (what a device with a given budget
 would train, and its predicted cost, or why it cannot take part): ``init`` builds the server state, ``configure`` says
 what one client gets this round, ``client_update`` trains on one client's shard and returns
 the payload that would cross the network, ``aggregate`` folds the round's updates into the
@@ -12,7 +13,7 @@ model and a ``ClientContext``; everything random in a client step derives from
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,6 +22,7 @@ import torch
 
 from fedfit.compress import Payload
 from fedfit.config import ServerConfig, TrainConfig
+from fedfit.costs.measure import StepFn
 from fedfit.data import collate
 
 if TYPE_CHECKING:
@@ -87,7 +89,12 @@ class StepMeter(Protocol):
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         batch: dict[str, torch.Tensor],
+        skipped: Any = None,
+        step: StepFn = ...,
+        kind: Hashable = ...,
     ) -> float: ...
+
+    def add_flops(self, flops: int) -> None: ...
 
 
 @dataclass
@@ -103,6 +110,7 @@ class Algorithm(Protocol):
     def plan(self, budget: Budget, ctx: CostContext) -> Plan: ...
     def plan_done(self, model: torch.nn.Module, plans: Sequence[Plan]) -> None: ...
     def init(self, model: torch.nn.Module) -> ServerState: ...
+    def start_round(self, state: ServerState, clients: Sequence[int]) -> None: ...
     def configure(
         self, state: ServerState, client_id: int, seed: int, plan: Plan | None = None
     ) -> ClientTask: ...

@@ -30,7 +30,7 @@ Choices the paper leaves open, made here:
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,7 @@ from fedfit.algorithms.base import (
 )
 from fedfit.algorithms.prefix_cache import PrefixCache
 from fedfit.algorithms.registry import register
+from fedfit.costs.measure import StepFn, backprop
 from fedfit.costs.spec import TrainSpec
 from fedfit.devices import Budget
 from fedfit.models import transformer_layers
@@ -228,9 +229,17 @@ class _PrefixMeter:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         batch: dict[str, torch.Tensor],
+        skipped: Any = None,
+        step: StepFn = backprop,
+        kind: Hashable = "backprop",
     ) -> float:
+        if skipped is not None:
+            raise ValueError("the prefix cache's meter adds the skipped prefix itself")
         skipped = self.cache.costs[tuple(batch["input_ids"].shape)]
-        return self.meter.train_step(model, optimizer, batch, skipped)  # type: ignore[call-arg]
+        return self.meter.train_step(model, optimizer, batch, skipped, step, kind)
+
+    def add_flops(self, flops: int) -> None:
+        self.meter.add_flops(flops)
 
 
 register(

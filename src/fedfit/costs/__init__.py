@@ -11,9 +11,12 @@ from __future__ import annotations
 from fedfit.costs.measure import (
     ClientCost,
     MemoryTracker,
+    StepFn,
     StepMemory,
+    backprop,
     count_flops,
     measure_step,
+    run_step,
     storage_bytes,
 )
 from fedfit.costs.predict import CostEstimate, predict, safetensors_bytes
@@ -23,13 +26,16 @@ __all__ = [
     "ClientCost",
     "CostEstimate",
     "MemoryTracker",
+    "StepFn",
     "StepMemory",
     "TrainSpec",
     "apply_spec",
+    "backprop",
     "count_flops",
     "measure",
     "measure_step",
     "predict",
+    "run_step",
     "safetensors_bytes",
     "storage_bytes",
 ]

@@ -32,9 +32,12 @@ from torch.utils.flop_counter import FlopCounterMode
 __all__ = [
     "ClientCost",
     "MemoryTracker",
+    "StepFn",
     "StepMemory",
+    "backprop",
     "count_flops",
     "measure_step",
+    "run_step",
     "storage_bytes",
 ]
 
@@ -237,12 +240,41 @@ def _transient_peak(events: list[tuple[int, int]], excluded: set[int]) -> int:
     return peak
 
 
+StepFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+"""How a step gets its gradients: called with (model, batch), it returns the loss and leaves
+each trainable parameter's gradient (or gradient estimate) in ``.grad``."""
+
+
+def backprop(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The default :data:`StepFn`: forward, then ``backward()`` through the stored graph."""
+    loss = model(**batch).loss
+    loss.backward()
+    return loss
+
+
+def run_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    step: StepFn = backprop,
+) -> float:
+    """One unmeasured step: gradients by ``step``, optimiser step, grads released."""
+    loss = step(model, batch)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
 def measure_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    step: StepFn = backprop,
 ) -> tuple[float, StepMemory, int]:
     """Run ONE real training step and measure it; returns (loss, memory, FLOPs).
 
-    The step is ``model(**batch).loss`` -> ``backward()`` -> ``optimizer.step()`` ->
+    The step is ``step(model, batch)`` (by default ``model(**batch).loss`` -> ``backward()``;
+    forward-gradient and finite-difference methods pass their own) -> ``optimizer.step()`` ->
     ``optimizer.zero_grad(set_to_none=True)``, run under :class:`MemoryTracker` and
     ``FlopCounterMode``: it is the step the caller would have run anyway, not a rehearsal.
 
@@ -264,8 +296,7 @@ def measure_step(
     pre_state = storage_bytes(_optimizer_state_tensors(optimizer))
     tracker = MemoryTracker(record=True)
     with tracker, FlopCounterMode(display=False) as flop_counter:
-        loss = model(**batch).loss
-        loss.backward()
+        loss = step(model, batch)
         grads = _grads(model)
         grads_bytes = storage_bytes(grads)
         grad_tokens = {token for token in map(tracker.token_of, grads) if token is not None}

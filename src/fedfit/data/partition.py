@@ -16,6 +16,10 @@ know:
   up to 10 times when a client falls under ``min_examples``, then gives up; with 100
   clients and alpha = 0.1 on tweets EVERY draw leaves some clients empty (about 8), so
   that setting needs ``min_examples=0``, fewer clients or a larger alpha (0.3 works);
+- ``inner_dirichlet``: :class:`InnerDirichletPartitioner` by label: every client gets the
+  same number of examples (n // num_clients) and its own class proportions drawn from
+  Dir(alpha) (the setting of Spry's skewed runs). Unlike ``dirichlet`` it works at any
+  alpha (0.1 included): skew shows as few classes per client, never as empty clients;
 - ``natural``: :class:`NaturalIdPartitioner` by group (one client per speaking role).
 """
 
@@ -30,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-SCHEMES = ("iid", "dirichlet", "natural")
+SCHEMES = ("iid", "dirichlet", "inner_dirichlet", "natural")
 
 
 def partition(
@@ -56,6 +60,10 @@ def partition(
         raise ValueError(f"min_examples must be >= 0, got {min_examples}")
     if scheme == "iid":
         return _iid(_size(labels, groups), num_clients, min_examples, seed)
+    if scheme == "inner_dirichlet":
+        if labels is None:
+            raise ValueError("scheme 'inner_dirichlet' splits by label: this dataset has no labels")
+        return _inner_dirichlet(labels, num_clients, alpha, min_examples, seed)
     if scheme == "dirichlet":
         if labels is None:
             raise ValueError("scheme 'dirichlet' splits by label: this dataset has no labels")
@@ -146,6 +154,30 @@ def _dirichlet(
             f"than {min_examples} examples in 11 draws ({len(labels)} examples); use a larger "
             f"alpha, fewer clients, or min_examples=0 to allow empty clients"
         ) from err
+
+
+def _inner_dirichlet(
+    labels: Sequence[int], num_clients: int, alpha: float, min_examples: int, seed: int
+) -> list[np.ndarray]:
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    _check_enough(len(labels), num_clients, min_examples)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    label_array = np.asarray(labels, dtype=np.int64)[order]
+    from flwr_datasets.partitioner import InnerDirichletPartitioner
+
+    size = len(labels) // num_clients
+    partitioner = InnerDirichletPartitioner(
+        partition_sizes=[size] * num_clients,
+        partition_by="label",
+        alpha=float(alpha),
+        shuffle=False,
+        seed=seed,
+    )
+    partitioner.dataset = _table({"index": order, "label": label_array})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [_client_indices(partitioner, i) for i in range(num_clients)]
 
 
 def natural_client_names(

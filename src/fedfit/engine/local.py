@@ -85,6 +85,7 @@ def run_round(
     cfg = setup.config
     ctx = ClientContext(train=cfg.train, meter=meter)
     clients = sample_clients(cfg.run.seed, round_, setup.eligible, cfg.data.clients_per_round)
+    setup.algorithm.start_round(state, clients)
     updates: list[Update] = []
     client_rows: list[dict[str, Any]] = []
     # Identical downloads (the same global tensors) are serialised once per round; the dict

@@ -10,22 +10,22 @@ cache keeps the overhead of the instrumented step to a handful of steps per run.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Protocol
 
 import torch
 
-from fedfit.costs import StepMemory, measure_step
+from fedfit.costs import StepFn, StepMemory, backprop, measure_step, run_step
 
 
 def plain_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    step: StepFn = backprop,
 ) -> float:
-    """One backprop step: forward, backward, optimiser step, grads released."""
-    loss = model(**batch).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    """One unmeasured step: gradients by ``step`` (backprop by default), optimiser step."""
+    return run_step(model, optimizer, batch, step)
 
 
 class SkippedWork(Protocol):
@@ -55,9 +55,14 @@ class CostMeter:
         optimizer: torch.optim.Optimizer,
         batch: dict[str, torch.Tensor],
         skipped: SkippedWork | None = None,
+        step: StepFn = backprop,
+        kind: Hashable = "backprop",
     ) -> float:
         """One real step. ``skipped``: device work the simulation did not run this step (a
-        cached frozen prefix); its measured cost is added to the step's."""
+        cached frozen prefix); its measured cost is added to the step's. ``step`` computes
+        the gradients (forward-gradient and finite-difference methods pass their own) and
+        ``kind`` names what decides its cost beyond the shapes (e.g. ``("jvp", tangents)``):
+        steps of another kind are measured separately."""
         # Cost depends on the batch shape and on what is trained (layer depth, adapters).
         trainable = [p.numel() for p in model.parameters() if p.requires_grad]
         # A client's first step creates the optimiser state; later steps carry it through
@@ -68,12 +73,13 @@ class CostMeter:
             sum(trainable),
             skipped is not None,
             bool(optimizer.state),
+            kind,
         )
         if key in self._cache:
-            loss = plain_step(model, optimizer, batch)
+            loss = run_step(model, optimizer, batch, step)
             flops, memory = self._cache[key]
         else:
-            loss, memory, flops = measure_step(model, optimizer, batch)
+            loss, memory, flops = measure_step(model, optimizer, batch, step)
             self._cache[key] = (flops, memory)
         if skipped is not None:
             flops, memory = flops + skipped.flops, skipped.add_to(memory)
