@@ -53,6 +53,8 @@ class FedAvg:
     """Local training of the trainable tensors, example-weighted mean, server optimiser."""
 
     name = "fedavg"
+    # What the upload holds (tests/algorithms/test_matrix.py): the new trainable tensors.
+    payload_kind = "weights"
 
     def __init__(self, options: object, config: Config) -> None:
         self.options = options
@@ -124,6 +126,7 @@ class _AccumulateGrads(torch.optim.Optimizer):
 @register("fedsgd", FullOptions, "FedSGD: clients upload one local gradient, full model")
 class FedSGD(FedAvg):
     name = "fedsgd"
+    payload_kind = "gradient"
 
     def spec(self, ctx: CostContext) -> TrainSpec | None:
         return TrainSpec("full", optimizer="sgd")  # gradients only: no optimiser state
