@@ -23,9 +23,12 @@ def random_shard(
     num_labels: int = 3,
     lm: bool = False,
     vocab: tuple[int, int] = (1000, 1200),
+    length: int | None = None,
 ) -> ClientData:
-    """``n`` random token sequences of 5..12 tokens (real vocab ids), with labels."""
+    """``n`` random token sequences of 5..12 tokens (or exactly ``length``; real vocab ids),
+    with labels."""
     rng = np.random.default_rng(seed)
-    seqs = [rng.integers(*vocab, size=rng.integers(5, 13)).astype(np.int32) for _ in range(n)]
+    sizes = [length or int(rng.integers(5, 13)) for _ in range(n)]
+    seqs = [rng.integers(*vocab, size=size).astype(np.int32) for size in sizes]
     labels = None if lm else rng.integers(0, num_labels, size=n)
     return ClientData(client_id, seqs, labels, pad_id=0, lm=lm)

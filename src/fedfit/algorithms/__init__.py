@@ -1,6 +1,12 @@
 """fedfit's federated methods; importing this package registers them all by name."""
 
-from fedfit.algorithms import backprop, hetlora, layers, peft  # noqa: F401  (registration side effects)
+from fedfit.algorithms import (  # noqa: F401  (registration side effects)
+    backprop,
+    forward,
+    hetlora,
+    layers,
+    peft,
+)
 from fedfit.algorithms.registry import ALGORITHMS, make_algorithm
 
 __all__ = ["ALGORITHMS", "make_algorithm"]

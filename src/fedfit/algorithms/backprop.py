@@ -109,9 +109,10 @@ class FedAvg:
         return apply_server_update(state, mean, self.config.server)
 
 
-class _AccumulateGrads(torch.optim.Optimizer):
-    """An 'optimiser' whose step and zero_grad do nothing, so that gradients accumulate
-    across a FedSGD client's batches while each batch still runs through the step meter."""
+class NoStepOptimizer(torch.optim.Optimizer):
+    """An 'optimiser' whose step and zero_grad do nothing: FedSGD accumulates gradients across
+    a client's batches with it while each batch still runs through the step meter, and steps
+    that update nothing (or update the weights themselves) are metered with it."""
 
     def __init__(self, params: list[torch.nn.Parameter]) -> None:
         super().__init__(params, {})
@@ -140,7 +141,7 @@ class FedSGD(FedAvg):
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         for p in params.values():
             p.grad = None
-        accumulate = _AccumulateGrads(list(params.values()))
+        accumulate = NoStepOptimizer(list(params.values()))
         batches = list(batch_indices(len(shard), ctx.train, task.seed))
         # batch_indices gives equal-size batches and each loss is a batch mean, so the
         # accumulated gradient divided by the number of batches is the mean over examples.
@@ -162,5 +163,7 @@ class FedSGD(FedAvg):
         target = {n: state.params[n].to(g.dtype) - lr * g for n, g in grad.items()}
         return apply_server_update(state, target, self.config.server)
 
+
+_AccumulateGrads = NoStepOptimizer  # the earlier name
 
 register("fedavg", FullOptions, "FedAvg: local backprop training of the full model")(FedAvg)
