@@ -6,6 +6,7 @@ from fedfit.algorithms import (  # noqa: F401  (registration side effects)
     hetlora,
     layers,
     peft,
+    zeroorder,  # noqa: F401  (registers the zero-order methods)
 )
 from fedfit.algorithms.registry import ALGORITHMS, make_algorithm
 
