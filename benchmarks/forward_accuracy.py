@@ -16,10 +16,10 @@ Dir(alpha)), alpha 1.0 and 0.1. Methods:
 - fwdllm: forward gradients with ``--tangents`` tangents picked from 5x as many candidates
 - baffle: central finite differences with ``--tangents`` perturbations, sigma 1e-4
 - fedavg-lora / fedyogi-lora: backprop LoRA with server FedAvg / FedYogi (eta 0.01)
-- fedmezo: MeZO steps in FedAvg on the same LoRA tensors, if registered when the script runs
+- fedmezo: MeZO steps (ZO-SGD) in FedAvg on the same LoRA tensors
 
-Every method uses the same client AdamW lr (``--lr``, default.toml's 3e-3, tuned for backprop
-LoRA; not re-tuned per method) and ``--local-steps`` local steps per round (Spry's paper uses
+Every method but fedmezo uses the same client AdamW lr (``--lr``, default.toml's 3e-3, tuned
+for backprop LoRA; not re-tuned per method; fedmezo's ZO-SGD gets 1e-4, see MEZO_LR) and ``--local-steps`` local steps per round (Spry's paper uses
 one local epoch; that is 50+ steps per client here and does not fit the machine). FwdLLM and
 Baffle default to 20 tangents/perturbations in fedfit; here they get ``--tangents`` (4) so a
 run fits: each tangent costs a forward pass (Baffle: two).
@@ -55,6 +55,7 @@ ZERO_ORDER = ("fedmezo",)
 METHODS = (*FORWARD, *BACKPROP, *ZERO_ORDER)
 ALGORITHM_OF = {"fedavg-lora": "lora", "fedyogi-lora": "lora"}  # the others: their own name
 YOGI = ["server.optimizer=fedyogi", "server.lr=0.01", "server.beta1=0.9", "server.beta2=0.99"]
+MEZO_LR = 1e-4
 FULL = {"rounds": 15, "eval_examples": 500, "model": "minilm-l6", "eval_every": 3}
 QUICK = {"rounds": 2, "eval_examples": 100, "model": "tiny-bert", "eval_every": 1}
 
@@ -78,7 +79,10 @@ def method_overrides(method: str, tangents: int) -> list[str]:
     if method == "baffle":
         return [f"method.name={method}", *lora, f"method.tangents={tangents}"]
     if method == "fedmezo":
-        return ["method.name=fedmezo"]
+        # ZO-SGD, not AdamW: the AdamW lr does not carry over. 1e-4 keeps MeZO's update norm
+        # (lr * |z . grad| * |z|, ~ lr * sqrt(d)) near MeZO's own on OPT (1e-6 * sqrt(1e8))
+        # for the ~75k LoRA + head numbers here; not tuned.
+        return [*lora, "method.name=fedmezo", "method.peft=lora", f"train.lr={MEZO_LR}"]
     return [f"method.name={method}", *lora]
 
 
@@ -201,7 +205,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{args['num_clients']} clients (inner Dirichlet label skew), {args['clients_per_round']} "
         f"per round, {args['rounds']} rounds x {args['local_steps']} local steps of batch 8 "
-        f"(max length 64), client AdamW lr {args['lr']:g} for every method; FwdLLM and Baffle "
+        f"(max length 64), client AdamW lr {args['lr']:g} for every method (fedmezo: ZO-SGD lr "
+        f"{MEZO_LR:g}); FwdLLM and Baffle "
         f"with {args['tangents']} tangents/perturbations. Accuracy on {args['eval_examples']} "
         "held-out tweets (majority class "
         f"{'n/a' if majority is None else f'{100 * majority:.1f}%'}), evaluated every "

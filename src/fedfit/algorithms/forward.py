@@ -80,7 +80,9 @@ Batch = dict[str, torch.Tensor]
 def draw_tangents(shapes: Mapping[str, torch.Size], generator: torch.Generator) -> Batch:
     """One standard-normal tangent per tensor, in the mapping's order (client and server
     draw the same tangents from the same seeded generator)."""
-    return {n: torch.randn(s, generator=generator) for n, s in shapes.items()}
+    return {
+        n: torch.randn(s, generator=generator, device=generator.device) for n, s in shapes.items()
+    }
 
 
 class _FrozenLinear(torch.autograd.Function):
