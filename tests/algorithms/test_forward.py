@@ -77,7 +77,7 @@ def test_jvp_equals_autograd_gradient_dot_tangent(model_name: str, task: str) ->
 
 def test_averaged_forward_gradient_approaches_autograd() -> None:
     # A small tensor (the head's 3 biases), 2 short examples: the relative error of the mean
-    # of K estimates is about sqrt((d + 1) / K) = 0.09 at K = 500, so cosine > 0.99.
+    # of K estimates is about sqrt((d + 1) / K) = 0.12 at K = 300, so cosine > 0.98.
     _, _, model = _prepared("fedfgd", "method.peft=head")
     named = dict(model.named_parameters())
     params = {n: named[n] for n in named if n.endswith("classifier.bias")}
@@ -86,7 +86,7 @@ def test_averaged_forward_gradient_approaches_autograd() -> None:
     grads = _autograd(model, params, batch)
     gen = torch.Generator().manual_seed(0)
     shapes = {n: p.shape for n, p in params.items()}
-    tangents = [draw_tangents(shapes, gen) for _ in range(500)]
+    tangents = [draw_tangents(shapes, gen) for _ in range(300)]
     _, estimate, _ = forward_gradient(model, params, batch, tangents)
     _, few, _ = forward_gradient(model, params, batch, tangents[:5])
 
@@ -94,8 +94,8 @@ def test_averaged_forward_gradient_approaches_autograd() -> None:
         return torch.cat([d[n].flatten() for n in params])
 
     ref = flat(grads)
-    assert float(flat(estimate) @ ref / (flat(estimate).norm() * ref.norm())) > 0.99
-    # the error shrinks like 1 / sqrt(K): 100x the tangents, far closer
+    assert float(flat(estimate) @ ref / (flat(estimate).norm() * ref.norm())) > 0.98
+    # the error shrinks like 1 / sqrt(K): 60x the tangents, far closer
     assert (flat(estimate) - ref).norm() < 0.3 * (flat(few) - ref).norm()
 
 

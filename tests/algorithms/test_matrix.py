@@ -30,6 +30,7 @@ METHODS = sorted(ALGORITHMS)
 FAST = {
     "fwdllm": ["method.tangents=2", "method.candidates=4"],
     "baffle": ["method.tangents=2"],
+    "decomfl": ["method.perturbations=2"],
 }
 
 
