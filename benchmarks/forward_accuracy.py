@@ -141,6 +141,7 @@ def measure_run(method: str, alpha: float, args: argparse.Namespace) -> dict[str
         "alpha": alpha,
         "overrides": overrides,
         "final_accuracy": summary["final"]["accuracy"],
+        "final_loss": summary["final"]["loss"],
         "best_accuracy": summary["best"]["accuracy"],
         "majority_baseline": summary["majority_baseline"],
         "curve": curve,
@@ -174,13 +175,28 @@ def claims(rows: list[dict[str, Any]]) -> list[str]:
             )
         zo = [by[m] for m in ZERO_ORDER if m in by]
         if spry and zo:
+            majority = spry["majority_baseline"]
             for z in zo:
                 diff = 100 * (spry["final_accuracy"] - z["final_accuracy"])
+                learned = max(spry["best_accuracy"], z["best_accuracy"]) > majority
+                verdict = "holds" if diff > 0 else "does not hold"
+                if not learned:
+                    verdict += (
+                        f", but neither beat the majority class ({100 * majority:.1f}%) at any "
+                        "evaluation: not evidence either way"
+                    )
                 lines.append(
                     f"alpha {alpha:g}: spry minus {z['method']}: {diff:+.1f} points "
-                    f"(claim: spry above zero-order): {'holds' if diff > 0 else 'does not hold'}."
+                    f"(claim: spry above zero-order): {verdict}."
                 )
                 target = min(spry["best_accuracy"], z["best_accuracy"])
+                if target <= majority:
+                    lines.append(
+                        f"alpha {alpha:g}: convergence speed vs {z['method']} untested: the lower "
+                        f"of the two best accuracies ({100 * target:.1f}%) is not above the "
+                        f"majority class ({100 * majority:.1f}%)."
+                    )
+                    continue
                 rs, rz = first_reaching(spry, target, "round"), first_reaching(z, target, "round")
                 lines.append(
                     f"alpha {alpha:g}: rounds to {100 * target:.1f}% (the lower of the two best "
@@ -219,14 +235,17 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         *[f"- {line}" for line in result["claims"]],
         "",
-        "| alpha | method | final acc. | best acc. | train time | peak memory | FLOPs / round "
-        "| upload / round |",
-        "|---|---|---|---|---|---|---|---|",
+        *[f"Note: {n}" for n in result.get("notes", [])],
+        "",
+        "| alpha | method | final acc. | best acc. | final eval loss | train time | peak memory "
+        "| FLOPs / round | upload / round |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
             f"| {r['alpha']:g} | {r['method']} | {100 * r['final_accuracy']:.1f}% | "
-            f"{100 * r['best_accuracy']:.1f}% | {format_duration(r['train_s'])} | "
+            f"{100 * r['best_accuracy']:.1f}% | {r.get('final_loss', float('nan')):.4f} | "
+            f"{format_duration(r['train_s'])} | "
             f"{format_bytes(r['peak_memory_bytes_max'])} | "
             f"{format_flops(r['flops_per_client_round'])} | "
             f"{format_bytes(r['upload_bytes_per_client'])} |"
