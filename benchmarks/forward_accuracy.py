@@ -39,16 +39,13 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from common import DEFAULT_TOML, RESULTS, log, run_and_read, write_outputs
 from matplotlib.figure import Figure
 
 from fedfit.algorithms import ALGORITHMS
 from fedfit.config import apply_overrides, from_dict
-from fedfit.engine.local import run
 from fedfit.report import format_bytes, format_duration, format_flops
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_TOML = ROOT / "examples" / "default.toml"
 BACKPROP = ("fedavg-lora", "fedyogi-lora")
 FORWARD = ("spry", "fedfgd", "fwdllm", "baffle")
 ZERO_ORDER = ("fedmezo",)
@@ -58,10 +55,6 @@ YOGI = ["server.optimizer=fedyogi", "server.lr=0.01", "server.beta1=0.9", "serve
 MEZO_LR = 1e-4
 FULL = {"rounds": 15, "eval_examples": 500, "model": "minilm-l6", "eval_every": 3}
 QUICK = {"rounds": 2, "eval_examples": 100, "model": "tiny-bert", "eval_every": 1}
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def method_overrides(method: str, tangents: int) -> list[str]:
@@ -110,47 +103,9 @@ def make_config(method: str, alpha: float, args: argparse.Namespace) -> tuple[An
     return from_dict(apply_overrides(raw, overrides)), overrides
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def measure_run(method: str, alpha: float, args: argparse.Namespace) -> dict[str, Any]:
     config, overrides = make_config(method, alpha, args)
-    t0 = time.perf_counter()
-
-    def progress(round_: int, total: int, evaluation: dict[str, Any] | None) -> None:
-        acc = f", accuracy {evaluation['accuracy']:.3f}" if evaluation else ""
-        log(f"    round {round_}/{total}{acc} ({time.perf_counter() - t0:.0f} s)")
-
-    run_dir = run(config, overwrite=True, progress=progress, plots=False)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rounds = _read_jsonl(run_dir / "rounds.jsonl")
-    timing = {r["round"]: r for r in _read_jsonl(run_dir / "timing.jsonl")}
-    # Wall time of training only (evaluation excluded), cumulated per round.
-    train_s, curve = 0.0, []
-    for r in rounds:
-        train_s += timing[r["round"]]["train_s"]
-        if "eval" in r:
-            curve.append(
-                {"round": r["round"], "accuracy": r["eval"]["accuracy"], "train_s": train_s,
-                 "client_flops": r["cum_client_flops"], "upload_bytes": r["cum_upload_bytes"]}
-            )  # fmt: skip
-    per_client = summary["per_client"]
-    return {
-        "method": method,
-        "alpha": alpha,
-        "overrides": overrides,
-        "final_accuracy": summary["final"]["accuracy"],
-        "final_loss": summary["final"]["loss"],
-        "best_accuracy": summary["best"]["accuracy"],
-        "majority_baseline": summary["majority_baseline"],
-        "curve": curve,
-        "train_s": round(train_s, 1),
-        "peak_memory_bytes_max": per_client["peak_memory_bytes_max"],
-        "flops_per_client_round": per_client["flops_mean"],
-        "upload_bytes_per_client": per_client["upload_bytes_mean"],
-        "process_wall_s": round(time.perf_counter() - t0, 1),
-    }
+    return {"method": method, "alpha": alpha, "overrides": overrides, **run_and_read(config)}
 
 
 def first_reaching(row: dict[str, Any], target: float, key: str) -> float | None:
@@ -291,14 +246,6 @@ def plot(result: dict[str, Any]) -> Figure:
     return fig
 
 
-def write(result: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    if result["rows"]:
-        plot(result).savefig(out.with_suffix(".png"), dpi=120)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, help=f"default {FULL['rounds']}")
@@ -373,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
             result["rows"].append(row)
             result["claims"] = claims(result["rows"])
             result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
-            write(result, out)
+            write_outputs(result, out, markdown, plot)
     print(markdown(result))
 
 

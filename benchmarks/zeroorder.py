@@ -61,17 +61,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common import DEFAULT_TOML, RESULTS, log, run_and_read, write_outputs
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from fedfit.algorithms import ALGORITHMS
 from fedfit.config import Config, apply_overrides, from_dict
-from fedfit.engine.local import run
 from fedfit.report import format_bytes, format_duration, format_flops
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_TOML = ROOT / "examples" / "default.toml"
 SPZO = "fedspzo"
 ZERO_ORDER = (SPZO, "fedmezo", "fedkseed", "fedkseed-pro", "decomfl")
 REFERENCE = "fedavg-lora"
@@ -89,10 +86,6 @@ FULL = {"rounds": 30, "eval_every": 2, "eval_examples": 500, "model": "minilm-l6
 QUICK = {"rounds": 2, "eval_every": 1, "eval_examples": 100, "model": "tiny-bert",
          "local_steps": 2, "sweep_rounds": 1}  # fmt: skip
 QUICK_DATA = {"num_clients": 12, "clients_per_round": 3}
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def method_overrides(method: str, peft: str, lr: float, eps: float | None) -> list[str]:
@@ -138,53 +131,13 @@ def make_config(
     return from_dict(apply_overrides(raw, overrides)), overrides
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def execute(
     name: str, method: str, lr: float, eps: float | None, args: argparse.Namespace, sweep: bool
 ) -> dict[str, Any]:
     """One federated run; its accuracy curve against FLOPs, rounds, upload and train time."""
     config, overrides = make_config(name, method, lr, eps, args, sweep)
-    t0 = time.perf_counter()
-
-    def progress(round_: int, total: int, evaluation: dict[str, Any] | None) -> None:
-        acc = f", accuracy {evaluation['accuracy']:.3f}" if evaluation else ""
-        log(f"    round {round_}/{total}{acc} ({time.perf_counter() - t0:.0f} s)")
-
-    run_dir = run(config, overwrite=True, progress=progress, plots=False)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    timing = {r["round"]: r for r in _read_jsonl(run_dir / "timing.jsonl")}
-    train_s, curve = 0.0, []
-    for r in _read_jsonl(run_dir / "rounds.jsonl"):
-        train_s += timing[r["round"]]["train_s"]  # training only, evaluation excluded
-        if "eval" in r:
-            curve.append(
-                {"round": r["round"], "accuracy": r["eval"]["accuracy"],
-                 "loss": r["eval"]["loss"], "client_flops": r["cum_client_flops"],
-                 "upload_bytes": r["cum_upload_bytes"], "train_s": round(train_s, 2)}
-            )  # fmt: skip
-    per_client = summary["per_client"]
-    return {
-        "method": method,
-        "lr": lr,
-        "eps": eps,
-        "overrides": overrides,
-        "run_dir": str(run_dir),
-        "final_accuracy": summary["final"]["accuracy"],
-        "final_loss": summary["final"]["loss"],
-        "best_accuracy": summary["best"]["accuracy"],
-        "majority_baseline": summary["majority_baseline"],
-        "trainable_params": summary["trainable_params"],
-        "curve": curve,
-        "train_s": round(train_s, 1),
-        "peak_memory_bytes_max": per_client["peak_memory_bytes_max"],
-        "flops_per_client_round": per_client["flops_mean"],
-        "upload_bytes_per_client": per_client["upload_bytes_mean"],
-        "download_bytes_per_client": per_client["download_bytes_mean"],
-        "process_wall_s": round(time.perf_counter() - t0, 1),
-    }
+    row = {"method": method, "lr": lr, "eps": eps, "overrides": overrides}
+    return {**row, **run_and_read(config)}
 
 
 def sweep_key(point: dict[str, Any]) -> tuple[float, float]:
@@ -441,14 +394,6 @@ def plot(result: dict[str, Any]) -> Figure:
     return fig
 
 
-def write(result: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    if result["rows"]:
-        plot(result).savefig(out.with_suffix(".png"), dpi=120)
-
-
 def _floats(text: str | None) -> tuple[float, ...] | None:
     return None if text is None else tuple(float(v) for v in text.split(",") if v.strip())
 
@@ -571,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
     def save() -> None:
         summarise(result, args.target)
         result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
-        write(result, out)
+        write_outputs(result, out, markdown, plot)
 
     log(f"runs in {args.runs_dir}; results to {out}.md/.json/.png")
     swept: dict[str, Any] = {}

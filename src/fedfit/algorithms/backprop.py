@@ -164,6 +164,4 @@ class FedSGD(FedAvg):
         return apply_server_update(state, target, self.config.server)
 
 
-_AccumulateGrads = NoStepOptimizer  # the earlier name
-
 register("fedavg", FullOptions, "FedAvg: local backprop training of the full model")(FedAvg)

@@ -64,7 +64,7 @@ from fedfit.algorithms.base import (
     make_optimizer,
     weighted_mean,
 )
-from fedfit.algorithms.peft import IA3, BitFit, Head, IA3Options, LoRA, LoraOptions, NoOptions
+from fedfit.algorithms.peft import LoraOptions, prepare_peft
 from fedfit.algorithms.registry import register
 from fedfit.config import ConfigError
 from fedfit.costs.spec import TrainSpec
@@ -207,6 +207,12 @@ def cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> floa
     return dot / (na * nb) if na > 0 and nb > 0 else 0.0
 
 
+def _set_grads(params: Mapping[str, torch.nn.Parameter], estimate: Batch) -> None:
+    """Hand a gradient estimate to the optimiser as each parameter's ``.grad``."""
+    for n, p in params.items():
+        p.grad = estimate[n]
+
+
 def _parameters(model: torch.nn.Module, names: Sequence[str]) -> dict[str, torch.nn.Parameter]:
     """The named parameters, in the order of ``names``."""
     named = dict(model.named_parameters())
@@ -261,16 +267,14 @@ def assign_groups(num_groups: int, num_clients: int) -> list[list[int]]:
 
 # ---------------------------------------------------------------- options
 
-PEFT = {"lora": LoRA, "bitfit": BitFit, "ia3": IA3, "head": Head}
-
-
-def _peft_field() -> Any:
-    return field(default="lora", metadata={"help": "trained tensors: lora | bitfit | ia3 | head"})
+PEFT = ("lora", "bitfit", "ia3", "head")  # the backbone stays frozen: no "full"
 
 
 @dataclass(frozen=True)
 class ForwardOptions:
-    peft: str = _peft_field()
+    peft: str = field(
+        default="lora", metadata={"help": "trained tensors: lora | bitfit | ia3 | head"}
+    )
     r: int = field(default=8, metadata={"help": "LoRA rank (peft = lora)"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (peft = lora)"})
     target_modules: tuple[str, ...] = field(
@@ -339,15 +343,7 @@ class FedFGD(FedAvg):
 
     def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
         o = self.opts
-        peft_cls = PEFT[o.peft]
-        if o.peft == "lora":
-            peft_opts: object = LoraOptions(o.r, o.alpha, 0.0, o.target_modules)
-        elif o.peft == "ia3":
-            peft_opts = IA3Options(o.target_modules)
-        else:
-            peft_opts = NoOptions()
-        self.task = task
-        return peft_cls(peft_opts, self.config).prepare(model, task)  # type: ignore[no-any-return]
+        return prepare_peft(o.peft, model, task, self.config, o.r, o.alpha, o.target_modules)
 
     def spec(self, ctx: CostContext) -> TrainSpec | None:
         return None  # no analytic cost model for forward-mode steps yet: measured only
@@ -371,8 +367,7 @@ class FedFGD(FedAvg):
         def step(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
             tangents = [draw_tangents(shapes, generator) for _ in range(self.opts.tangents)]
             loss, estimate, _ = forward_gradient(model, params, batch, tangents)
-            for n, p in params.items():
-                p.grad = estimate[n]
+            _set_grads(params, estimate)
             return loss
 
         return step
@@ -413,8 +408,7 @@ class Baffle(FedFGD):
         def step(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
             tangents = [draw_tangents(shapes, generator) for _ in range(opts.tangents)]
             loss, estimate = finite_difference_gradient(model, params, batch, tangents, opts.sigma)
-            for n, p in params.items():
-                p.grad = estimate[n]
+            _set_grads(params, estimate)
             return loss
 
         return step
@@ -458,8 +452,7 @@ class FwdLLM(FedFGD):
             else:
                 tangents = [draw_tangents(shapes, generator) for _ in range(opts.tangents)]
             loss, estimate, _ = forward_gradient(model, params, batch, tangents)
-            for n, p in params.items():
-                p.grad = estimate[n]
+            _set_grads(params, estimate)
             return loss
 
         return step

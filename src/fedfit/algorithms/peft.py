@@ -18,6 +18,7 @@ adds it to ``modules_to_save``); for causal LM nothing but the adapters is train
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from peft import IA3Config, LoraConfig, TaskType, get_peft_model
@@ -155,6 +156,30 @@ class Head(FedAvg):
         for module in heads:
             module.requires_grad_(True)
         return model
+
+
+def prepare_peft(
+    kind: str,
+    model: torch.nn.Module,
+    task: str,
+    config: Any,
+    r: int = 8,
+    alpha: float = 16.0,
+    target_modules: tuple[str, ...] = (),
+) -> torch.nn.Module:
+    """Mark what ``kind`` trains (full | lora | ia3 | bitfit | head), as that method's own
+    ``prepare`` does, for methods whose ``peft`` option picks the tensors (forward-mode and
+    zero-order methods). LoRA without dropout: one deterministic function to probe."""
+    if kind == "full":
+        return FedAvg(None, config).prepare(model, task)
+    if kind == "lora":
+        return LoRA(LoraOptions(r, alpha, 0.0, target_modules), config).prepare(model, task)
+    if kind == "ia3":
+        return IA3(IA3Options(target_modules), config).prepare(model, task)
+    if kind in ("bitfit", "head"):
+        cls = BitFit if kind == "bitfit" else Head
+        return cls(NoOptions(), config).prepare(model, task)
+    raise ValueError(f"unknown peft kind {kind!r}: full, lora, ia3, bitfit or head")
 
 
 register("lora", LoraOptions, "LoRA adapters (peft) + task head; only those are sent")(LoRA)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedfit.algorithms.base import ClientData
 from fedfit.costs import MemoryTracker, StepMemory
-from fedfit.models import transformer_layers
+from fedfit.models import backbone_slots, transformer_layers
 
 
 @dataclass(frozen=True)
@@ -67,16 +66,6 @@ class _Replay(torch.nn.Module):
         return self.hidden
 
 
-def _slots(model: torch.nn.Module) -> tuple[Any, str, Any, str]:
-    """(owner, attribute) of the embedding module and of the block list."""
-    base: Any = model.base_model if hasattr(model, "base_model") else model
-    if hasattr(base, "embeddings") and hasattr(base, "encoder"):  # BERT
-        return base, "embeddings", base.encoder, "layer"
-    if hasattr(base, "embed_tokens") and hasattr(base, "layers"):  # Llama
-        return base, "embed_tokens", base, "layers"
-    raise TypeError(f"prefix cache: unsupported architecture {type(model).__name__}")
-
-
 class PrefixCache:
     """Per-example outputs of the embeddings and blocks ``[0, k)``."""
 
@@ -85,7 +74,7 @@ class PrefixCache:
         self.model = model
         self.store: dict[tuple[int, int], torch.Tensor] = {}
         self.costs: dict[tuple[int, ...], PrefixCost] = {}
-        emb_owner, emb_attr, _, _ = _slots(model)
+        emb_owner, emb_attr, _, _ = backbone_slots(model)
         self.embeddings = getattr(emb_owner, emb_attr)
         self.blocks = list(transformer_layers(model))[:k]
         # Parameters and buffers (position ids ...), as measure_step counts weights.
@@ -112,7 +101,7 @@ class PrefixCache:
             raise _Stop
 
         # The real embeddings and the first k blocks, whatever is swapped in at the moment.
-        emb_owner, emb_attr, owner, attr = _slots(self.model)
+        emb_owner, emb_attr, owner, attr = backbone_slots(self.model)
         current_emb, full = getattr(emb_owner, emb_attr), getattr(owner, attr)
         setattr(emb_owner, emb_attr, self.embeddings)
         setattr(owner, attr, torch.nn.ModuleList(self.blocks))
@@ -168,7 +157,7 @@ class PrefixCache:
     @contextlib.contextmanager
     def replaying(self) -> Iterator[None]:
         """Swap in the replay module and the blocks from k on, for the duration."""
-        emb_owner, emb_attr, owner, attr = _slots(self.model)
+        emb_owner, emb_attr, owner, attr = backbone_slots(self.model)
         embeddings, blocks = getattr(emb_owner, emb_attr), getattr(owner, attr)
         setattr(emb_owner, emb_attr, self.replay)
         setattr(owner, attr, torch.nn.ModuleList(list(blocks)[self.k :]))

@@ -17,6 +17,7 @@ from fedfit.models.sources import ModelNotAvailable  # noqa: E402
 from fedfit.models.zoo import (  # noqa: E402
     TASKS,
     ModelInfo,
+    backbone_slots,
     get_model_info,
     list_models,
     load_model,
@@ -30,5 +31,6 @@ __all__ = [
     "get_model_info",
     "list_models",
     "load_model",
+    "backbone_slots",
     "transformer_layers",
 ]

@@ -345,6 +345,14 @@ def load_model(
     return model, tokenizer
 
 
+def _task_model(model: torch.nn.Module) -> Any:
+    """The transformers task model, looking through a peft wrapper."""
+    inner: Any = model
+    if hasattr(inner, "get_base_model"):  # peft.PeftModel wraps the transformers model
+        inner = inner.get_base_model()
+    return inner
+
+
 def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The stack of transformer blocks: ``encoder.layer`` (BERT) or ``model.layers`` (Llama).
 
@@ -352,9 +360,7 @@ def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """
     import torch
 
-    inner: Any = model
-    if hasattr(inner, "get_base_model"):  # peft.PeftModel wraps the transformers model
-        inner = inner.get_base_model()
+    inner = _task_model(model)
     backbone = getattr(inner, "base_model", inner)  # transformers: the BertModel / LlamaModel
     encoder = getattr(backbone, "encoder", None)
     layers = getattr(encoder, "layer", None) if encoder is not None else None
@@ -363,3 +369,16 @@ def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     if not isinstance(layers, torch.nn.ModuleList):
         raise TypeError(f"cannot find the transformer blocks of {type(inner).__name__}")
     return layers
+
+
+def backbone_slots(model: torch.nn.Module) -> tuple[Any, str, Any, str]:
+    """Where the embedding module and the block list hang: (owner, attribute) of each, so a
+    caller can swap the embeddings for a stand-in or run a slice of the blocks (prefix cache,
+    FedSPZO's split). Accepts what :func:`transformer_layers` accepts."""
+    inner = _task_model(model)
+    base: Any = getattr(inner, "base_model", inner)
+    if hasattr(base, "embeddings") and hasattr(base, "encoder"):  # BERT
+        return base, "embeddings", base.encoder, "layer"
+    if hasattr(base, "embed_tokens") and hasattr(base, "layers"):  # Llama
+        return base, "embed_tokens", base, "layers"
+    raise TypeError(f"cannot find the embeddings and blocks of {type(inner).__name__}")

@@ -38,7 +38,7 @@ from fedfit.algorithms.base import (
     batch_indices,
     load_tensors_,
 )
-from fedfit.algorithms.peft import IA3, BitFit, Head, IA3Options, LoRA, LoraOptions, NoOptions
+from fedfit.algorithms.peft import LoraOptions, prepare_peft
 from fedfit.algorithms.registry import register
 from fedfit.algorithms.zeroorder.core import add_noise_, derive, projected_gradient
 from fedfit.config import ConfigError
@@ -81,19 +81,6 @@ class MezoOptions(ZOOptions):
         super().__post_init__()
         if self.perturbations < 1:
             raise ConfigError("method.perturbations: must be >= 1")
-
-
-def prepare_peft(options: ZOOptions, config: Any, model: torch.nn.Module, task: str) -> Any:
-    """Mark the tensors ``options.peft`` trains (wrapping the model for lora / ia3)."""
-    o = options
-    if o.peft == "full":
-        return FedAvg(None, config).prepare(model, task)
-    if o.peft == "lora":
-        return LoRA(LoraOptions(o.r, o.alpha, 0.0, o.target_modules), config).prepare(model, task)
-    if o.peft == "ia3":
-        return IA3(IA3Options(o.target_modules), config).prepare(model, task)
-    cls = BitFit if o.peft == "bitfit" else Head
-    return cls(NoOptions(), config).prepare(model, task)
 
 
 def trained(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -165,7 +152,8 @@ class ZeroOrder(FedAvg):
 
     def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
         self.task = task
-        return prepare_peft(self.options, self.config, model, task)  # type: ignore[arg-type]
+        o: ZOOptions = self.options  # type: ignore[assignment]
+        return prepare_peft(o.peft, model, task, self.config, o.r, o.alpha, o.target_modules)
 
     def spec(self, ctx: CostContext) -> TrainSpec | None:
         return None  # no analytic cost model for ZO steps yet: measured only

@@ -67,7 +67,7 @@ from fedfit.algorithms.zeroorder.mezo import (
     trained,
 )
 from fedfit.config import ConfigError
-from fedfit.models import transformer_layers
+from fedfit.models import backbone_slots, transformer_layers
 
 
 @dataclass(frozen=True)
@@ -101,20 +101,6 @@ class _Given(torch.nn.Module):
         return self.hidden
 
 
-def _slots(model: torch.nn.Module) -> tuple[Any, str, Any, str]:
-    """(owner, attribute) of the embedding module and of the block list; a peft wrapper is
-    looked through."""
-    inner: Any = model
-    if hasattr(inner, "get_base_model"):  # peft.PeftModel wraps the transformers model
-        inner = inner.get_base_model()
-    base: Any = getattr(inner, "base_model", inner)  # transformers: the BertModel / LlamaModel
-    if hasattr(base, "embeddings") and hasattr(base, "encoder"):  # BERT
-        return base, "embeddings", base.encoder, "layer"
-    if hasattr(base, "embed_tokens") and hasattr(base, "layers"):  # Llama
-        return base, "embed_tokens", base, "layers"
-    raise TypeError(f"fedspzo: unsupported architecture {type(inner).__name__}")
-
-
 class SplitModel:
     """The model as block 1 (embeddings + blocks [0, s)) and block 2 (the rest)."""
 
@@ -124,7 +110,7 @@ class SplitModel:
         if not 0 <= s <= len(blocks):
             raise ValueError(f"fedspzo: split {split} outside the model's {len(blocks)} blocks")
         self.model, self.s = model, s
-        emb_owner, emb_attr, _, _ = _slots(model)
+        emb_owner, emb_attr, _, _ = backbone_slots(model)
         lower = [getattr(emb_owner, emb_attr), *list(blocks)[:s]]
         below = {id(m) for module in lower for m in module.modules()}
         in_block1 = {id(p) for m in lower for p in m.parameters()}
@@ -154,7 +140,7 @@ class SplitModel:
             caught.append(getattr(out, "last_hidden_state", out))  # type: ignore[arg-type]
             raise _Stop
 
-        _, _, owner, attr = _slots(self.model)
+        _, _, owner, attr = backbone_slots(self.model)
         with self._blocks(list(getattr(owner, attr))[: self.s]):
             if attr == "layer":  # BERT: the encoder's output
                 hook = owner.register_forward_hook(lambda m, a, out: catch(out))
@@ -171,7 +157,7 @@ class SplitModel:
     @torch.no_grad()
     def upper(self, batch: Batch, hidden: torch.Tensor) -> float:
         """Block 2's loss on block 1's output ``hidden``."""
-        emb_owner, emb_attr, owner, attr = _slots(self.model)
+        emb_owner, emb_attr, owner, attr = backbone_slots(self.model)
         embeddings = getattr(emb_owner, emb_attr)
         setattr(emb_owner, emb_attr, _Given(hidden))
         try:
@@ -182,7 +168,7 @@ class SplitModel:
 
     @contextlib.contextmanager
     def _blocks(self, blocks: list[torch.nn.Module]) -> Iterator[None]:
-        _, _, owner, attr = _slots(self.model)
+        _, _, owner, attr = backbone_slots(self.model)
         full = getattr(owner, attr)
         setattr(owner, attr, torch.nn.ModuleList(blocks))
         try:

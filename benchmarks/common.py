@@ -1,0 +1,88 @@
+"""What the run-based benchmarks share: run one config through the engine with progress on
+stderr, read back its accuracy curve and per-client costs, and write a result's
+.json / .md / .png side by side.
+
+Scripts under benchmarks/ import it as ``common`` (Python puts the script's folder first on
+the path).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from fedfit.config import Config
+from fedfit.engine.local import run
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_TOML = ROOT / "examples" / "default.toml"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_and_read(config: Config) -> dict[str, Any]:
+    """Run ``config`` (overwriting its run folder) and return its figures: the curve of
+    evaluations (round, accuracy, eval loss, cumulative training-only wall time, cumulative
+    client FLOPs and upload bytes), the final and best accuracy, the majority baseline and
+    the per-client costs from summary.json."""
+    t0 = time.perf_counter()
+
+    def progress(round_: int, total: int, evaluation: dict[str, Any] | None) -> None:
+        acc = f", accuracy {evaluation['accuracy']:.3f}" if evaluation else ""
+        log(f"    round {round_}/{total}{acc} ({time.perf_counter() - t0:.0f} s)")
+
+    run_dir = run(config, overwrite=True, progress=progress, plots=False)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    timing = {r["round"]: r for r in read_jsonl(run_dir / "timing.jsonl")}
+    train_s, curve = 0.0, []
+    for r in read_jsonl(run_dir / "rounds.jsonl"):
+        train_s += timing[r["round"]]["train_s"]  # training only, evaluation excluded
+        if "eval" in r:
+            curve.append(
+                {"round": r["round"], "accuracy": r["eval"]["accuracy"],
+                 "loss": r["eval"]["loss"], "client_flops": r["cum_client_flops"],
+                 "upload_bytes": r["cum_upload_bytes"], "train_s": round(train_s, 2)}
+            )  # fmt: skip
+    per_client = summary["per_client"]
+    return {
+        "run_dir": str(run_dir),
+        "final_accuracy": summary["final"]["accuracy"],
+        "final_loss": summary["final"]["loss"],
+        "best_accuracy": summary["best"]["accuracy"],
+        "majority_baseline": summary["majority_baseline"],
+        "trainable_params": summary["trainable_params"],
+        "curve": curve,
+        "train_s": round(train_s, 1),
+        "peak_memory_bytes_max": per_client["peak_memory_bytes_max"],
+        "flops_per_client_round": per_client["flops_mean"],
+        "upload_bytes_per_client": per_client["upload_bytes_mean"],
+        "download_bytes_per_client": per_client["download_bytes_mean"],
+        "process_wall_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+def write_outputs(
+    result: dict[str, Any],
+    out: Path,
+    markdown: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any]], Figure],
+) -> None:
+    """``out``.json (the whole result), .md (its table) and, once there are rows, .png."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    if result["rows"]:
+        plot(result).savefig(out.with_suffix(".png"), dpi=120)
