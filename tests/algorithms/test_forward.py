@@ -1,4 +1,4 @@
-"""Forward-mode methods (algorithms/forward.py) against autograd, finite differences, Spry's
+"""Forward-mode methods (algorithms/forward/) against autograd, finite differences, Spry's
 split rule and the FedYogi formula."""
 
 from __future__ import annotations
