@@ -1,10 +1,11 @@
 """Run configuration: frozen dataclasses, TOML loading, ``--set key=value`` overrides.
 
 A config file has one table per dataclass below ([run], [model], [data], [train], [server],
-[method], and [devices] from fedfit.devices). ``[method]`` holds ``name`` plus that method's own options, which are validated
-against the method's options dataclass (see ``fedfit methods``). Every key is checked before any
-work starts: an unknown key or a bad value raises ``ConfigError`` naming the key and what is
-allowed. The resolved config (defaults filled in) is written into every run folder.
+[method], [devices] from fedfit.devices, and [compress]). ``[method]`` holds ``name`` plus
+that method's own options, which are validated against the method's options dataclass (see
+``fedfit methods``). Every key is checked before any work starts: an unknown key or a bad
+value raises ``ConfigError`` naming the key and what is allowed. The resolved config
+(defaults filled in) is written into every run folder.
 """
 
 from __future__ import annotations
@@ -89,12 +90,19 @@ class DataConfig:
         _check(self.eval_examples >= 0, "data.eval_examples", "must be >= 0")
 
 
+# sgd (torch, optional momentum), adamw (torch), adafactor (transformers' implementation with
+# an explicit lr: factored second moment, no first moment; Shazeer & Stern 2018).
+CLIENT_OPTIMIZERS = ("sgd", "adamw", "adafactor")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     local_steps: int = field(default=10, metadata={"help": "local steps per round; 0 = epochs"})
     local_epochs: float = field(default=1.0, metadata={"help": "used when local_steps = 0"})
     batch_size: int = field(default=16, metadata={"help": "client minibatch size"})
-    optimizer: str = field(default="adamw", metadata={"help": "client optimiser: sgd | adamw"})
+    optimizer: str = field(
+        default="adamw", metadata={"help": "client optimiser: sgd | adamw | adafactor"}
+    )
     lr: float = field(default=5e-4, metadata={"help": "client learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "client weight decay"})
     momentum: float = field(default=0.0, metadata={"help": "SGD momentum"})
@@ -104,7 +112,7 @@ class TrainConfig:
         _check(self.local_steps >= 0, "train.local_steps", "must be >= 0")
         _check(self.local_epochs > 0, "train.local_epochs", "must be > 0")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
-        _choice(self.optimizer, "train.optimizer", ("sgd", "adamw"))
+        _choice(self.optimizer, "train.optimizer", CLIENT_OPTIMIZERS)
         _check(self.lr > 0, "train.lr", "must be > 0")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)")
@@ -132,6 +140,28 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class CompressConfig:
+    """Lossy compression of what crosses the network (engine/channel.py): unbiased stochastic
+    uniform quantisation to b bits (fedfit.quantize). 32 = float32, no quantisation."""
+
+    upload_bits: int = field(
+        default=32, metadata={"help": "bits per number of the upload (1..8, or 32 = off)"}
+    )
+    download_bits: int = field(
+        default=32, metadata={"help": "bits per number of the download (1..8, or 32 = off)"}
+    )
+    block: int = field(
+        default=0, metadata={"help": "numbers sharing one scale; 0 = one scale per tensor"}
+    )
+
+    def __post_init__(self) -> None:
+        for key in ("upload_bits", "download_bits"):
+            bits = getattr(self, key)
+            _check(1 <= bits <= 8 or bits == 32, f"compress.{key}", "must be 1..8, or 32 (off)")
+        _check(self.block >= 0, "compress.block", "must be >= 0 (0 = per tensor)")
+
+
+@dataclass(frozen=True)
 class MethodConfig:
     """The method's registered name and its own options dataclass."""
 
@@ -148,6 +178,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     method: MethodConfig = field(default_factory=lambda: _method("lora", {}))
     devices: DevicesConfig = field(default_factory=DevicesConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
 
 
 SECTIONS: dict[str, type] = {
@@ -157,6 +188,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "server": ServerConfig,
     "devices": DevicesConfig,
+    "compress": CompressConfig,
 }
 
 

@@ -93,7 +93,10 @@ def test_same_seed_same_update(name: str) -> None:
     b = algorithm.client_update(model, algorithm.configure(state, 0, seed=5), shard, ctx)
     c = algorithm.client_update(model, algorithm.configure(state, 0, seed=6), shard, ctx)
     assert all(torch.equal(a.payload[k], b.payload[k]) for k in a.payload)
-    assert any(not torch.equal(a.payload[k], c.payload[k]) for k in a.payload)
+    # Another seed changes the values, or which tensors are sent (partial training's blocks)
+    assert set(a.payload) != set(c.payload) or any(
+        not torch.equal(a.payload[k], c.payload[k]) for k in a.payload
+    )
 
 
 @pytest.mark.parametrize("name", METHODS)

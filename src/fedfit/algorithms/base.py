@@ -172,10 +172,27 @@ def apply_server_update(
 def make_optimizer(
     params: Sequence[torch.nn.Parameter], train: TrainConfig
 ) -> torch.optim.Optimizer:
-    """The client optimiser named in the config, fresh for each client update."""
+    """The client optimiser named in the config, fresh for each client update.
+
+    Adafactor is transformers' implementation (Shazeer & Stern, ICML 2018) used with the
+    configured lr (``relative_step=False``, ``scale_parameter=False``), no first moment
+    (``beta1=None``, its default): its state is one row and one column vector per matrix, so
+    far less than AdamW's two full moments (measured per step as ``optimizer_bytes``).
+    """
     if train.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
+        )
+    if train.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            params,
+            lr=train.lr,
+            weight_decay=train.weight_decay,
+            relative_step=False,
+            scale_parameter=False,
+            warmup_init=False,
         )
     return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
 

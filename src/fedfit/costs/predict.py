@@ -554,6 +554,15 @@ def _step(
     return max(forward_peak, saved + backward_extra), flops
 
 
+def _adafactor_numel(shape: Shape) -> int:
+    """Numbers in Adafactor's second-moment state of a tensor: factored over its last two
+    dimensions when it has at least two (rows + columns), else full."""
+    if len(shape) < 2:
+        return _numel(shape)
+    lead = _numel(shape[:-2])
+    return lead * (shape[-2] + shape[-1])
+
+
 @functools.lru_cache(maxsize=4096)
 def _static_costs(
     arch: _Arch, task: str, num_labels: int, spec: TrainSpec
@@ -571,6 +580,13 @@ def _static_costs(
     if spec.optimizer == "adamw":
         optimizer = 2 * grads + F32 * len(trained)
         temporaries = 2 * largest  # sqrt(v) and its division by the bias correction
+    elif spec.optimizer == "sgd-momentum":
+        optimizer, temporaries = grads, 0  # one momentum buffer, updated in place
+    elif spec.optimizer == "adafactor":
+        # transformers' Adafactor, no first moment: a matrix keeps the row and column means of
+        # its squared gradient, a vector its full second moment; each tensor one RMS scalar.
+        optimizer = F32 * sum(_adafactor_numel(s) + 1 for _, s in trained)
+        temporaries = 2 * largest  # grad^2 + eps, then the rebuilt second moment
     else:
         optimizer = temporaries = 0
     upload = safetensors_bytes(trained)

@@ -14,7 +14,7 @@ import torch
 from fedfit.costs.measure import StepMemory, measure_step
 
 KINDS = ("full", "lora", "layers", "head")
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "sgd-momentum", "adafactor")
 # peft's usual targets per family (the attention query and value projections).
 LORA_TARGETS = {"bert": ("query", "value"), "llama": ("q_proj", "v_proj")}
 HEAD_NAMES = ("classifier", "score")
@@ -33,8 +33,10 @@ class TrainSpec:
       everything below frozen, embeddings included.
     - ``kind="head"``: the task head only (classifier / score); classification only.
 
-    ``optimizer``: ``"adamw"`` (two moments per trainable tensor and a step counter) or
-    ``"sgd"`` (no momentum: no state).
+    ``optimizer``: ``"adamw"`` (two moments per trainable tensor and a step counter),
+    ``"sgd"`` (no momentum: no state), ``"sgd-momentum"`` (one buffer per tensor) or
+    ``"adafactor"`` (transformers' Adafactor without first moment: a row and a column vector
+    per matrix, the full second moment of vectors, one RMS scalar per tensor).
     """
 
     kind: str
@@ -119,6 +121,12 @@ def make_optimizer(model: torch.nn.Module, spec: TrainSpec) -> torch.optim.Optim
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.optimizer == "sgd":
         return torch.optim.SGD(params, lr=1e-3)
+    if spec.optimizer == "sgd-momentum":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    if spec.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=1e-4, relative_step=False, scale_parameter=False)
     return torch.optim.AdamW(params, lr=1e-4)
 
 

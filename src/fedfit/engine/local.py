@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from fedfit.algorithms.base import ClientContext, ServerState, Update, load_tensors_
-from fedfit.compress import deserialize, payload_bytes, serialize
 from fedfit.config import Config, load_config, to_toml
 from fedfit.devices import Budget
 from fedfit.engine.meter import CostMeter
@@ -88,21 +87,17 @@ def run_round(
     setup.algorithm.start_round(state, clients)
     updates: list[Update] = []
     client_rows: list[dict[str, Any]] = []
-    # Identical downloads (the same global tensors) are serialised once per round; the dict
-    # holds the payload itself so that its id cannot be reused by another object meanwhile.
-    download_sizes: dict[int, tuple[object, int]] = {}
+    channel = setup.channel
+    channel.start_round()
     for cid in clients:
         plan = setup.plans[cid]
         task = setup.algorithm.configure(state, cid, derive_seed(cfg.run.seed, round_, cid), plan)
-        key = id(task.download)
-        if key not in download_sizes:
-            download_sizes[key] = (task.download, payload_bytes(task.download))
+        task, download_bytes = channel.download(task, round_)
         meter.start_client()
         t0 = time.perf_counter()
         update = setup.algorithm.client_update(setup.model, task, setup.shards[cid], ctx)
         wall = time.perf_counter() - t0
-        wire = serialize(update.payload)
-        update.payload = deserialize(wire)
+        upload_bytes = channel.upload(update, task)
         updates.append(update)
         memory = meter.memory.as_dict() if meter.memory else {}
         client_rows.append(
@@ -112,8 +107,8 @@ def run_round(
                 "num_examples": update.num_examples,
                 "steps": int(update.metrics.get("steps", 0)),
                 "train_loss": update.metrics.get("train_loss"),
-                "upload_bytes": len(wire),
-                "download_bytes": download_sizes[key][1],
+                "upload_bytes": upload_bytes,
+                "download_bytes": download_bytes,
                 "flops": meter.flops,
                 "peak_memory_bytes": memory.get("peak_bytes"),
                 "memory": memory,

@@ -17,6 +17,7 @@ from fedfit.algorithms.base import Algorithm, ClientData
 from fedfit.config import Config
 from fedfit.data import TextDataset, load_dataset, partition, tokenize
 from fedfit.devices import Population, build_population
+from fedfit.engine.channel import Channel
 from fedfit.models import get_model_info, load_model
 from fedfit.planning import CostContext, Plan, exclusions
 
@@ -34,6 +35,7 @@ class RunSetup:
     population: Population
     plans: list[Plan]
     excluded: dict[int, str]  # client id -> why it fits nothing
+    channel: Channel  # serialisation and optional quantisation of what crosses the network
 
     @property
     def eligible(self) -> list[int]:
@@ -66,6 +68,7 @@ def build(config: Config) -> RunSetup:
     """Load data and model, partition, tokenise (cached), prepare the algorithm's model."""
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
+    channel = make_channel(config)  # a bad [compress] fails before anything loads
     dataset = load_dataset(config.data.name)
     task = dataset.task
     info = get_model_info(config.model.name)
@@ -145,7 +148,26 @@ def build(config: Config) -> RunSetup:
         population,
         plans,
         excluded,
+        channel,
     )
+
+
+def make_channel(config: Config) -> Channel:
+    """The run's wire (engine/channel.py) for the configured method and compression."""
+    from fedfit.algorithms.registry import ALGORITHMS
+
+    cls = ALGORITHMS[config.method.name].cls
+    return Channel(
+        config.compress,
+        getattr(cls, "payload_kind", "weights"),
+        config.method.name,
+        config.run.seed,
+    )
+
+
+def cost_optimizer(optimizer: str, momentum: float) -> str:
+    """The cost model's name for the client optimiser (SGD with momentum keeps a buffer)."""
+    return "sgd-momentum" if optimizer == "sgd" and momentum > 0 else optimizer
 
 
 def cost_context_for(
@@ -165,7 +187,7 @@ def cost_context_for(
         batch_size=min(config.train.batch_size, largest),
         seq_len=config.model.max_length,
         steps=steps,
-        optimizer=config.train.optimizer,
+        optimizer=cost_optimizer(config.train.optimizer, config.train.momentum),
         margin=config.devices.margin,
     )
 
