@@ -35,33 +35,39 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def run_and_read(config: Config) -> dict[str, Any]:
     """Run ``config`` (overwriting its run folder) and return its figures: the curve of
-    evaluations (round, accuracy, eval loss, cumulative training-only wall time, cumulative
-    client FLOPs and upload bytes), the final and best accuracy, the majority baseline and
+    evaluations (round, accuracy or perplexity, eval loss, cumulative training-only wall time, cumulative
+    client FLOPs and upload bytes), the final and best accuracy (or perplexity), the majority baseline and
     the per-client costs from summary.json."""
     t0 = time.perf_counter()
 
     def progress(round_: int, total: int, evaluation: dict[str, Any] | None) -> None:
-        acc = f", accuracy {evaluation['accuracy']:.3f}" if evaluation else ""
-        log(f"    round {round_}/{total}{acc} ({time.perf_counter() - t0:.0f} s)")
+        shown = ""
+        if evaluation:
+            key = "accuracy" if "accuracy" in evaluation else "perplexity"
+            shown = f", {key} {evaluation[key]:.3f}"
+        log(f"    round {round_}/{total}{shown} ({time.perf_counter() - t0:.0f} s)")
 
     run_dir = run(config, overwrite=True, progress=progress, plots=False)
     summary = json.loads((run_dir / "summary.json").read_text())
     timing = {r["round"]: r for r in read_jsonl(run_dir / "timing.jsonl")}
+    # classification: accuracy; causal LM: perplexity (the curve and final/best use its name)
+    metric = "accuracy" if "accuracy" in summary["final"] else "perplexity"
     train_s, curve = 0.0, []
     for r in read_jsonl(run_dir / "rounds.jsonl"):
         train_s += timing[r["round"]]["train_s"]  # training only, evaluation excluded
         if "eval" in r:
             curve.append(
-                {"round": r["round"], "accuracy": r["eval"]["accuracy"],
+                {"round": r["round"], metric: r["eval"][metric],
                  "loss": r["eval"]["loss"], "client_flops": r["cum_client_flops"],
                  "upload_bytes": r["cum_upload_bytes"], "train_s": round(train_s, 2)}
             )  # fmt: skip
     per_client = summary["per_client"]
     return {
         "run_dir": str(run_dir),
-        "final_accuracy": summary["final"]["accuracy"],
+        "metric": metric,
+        f"final_{metric}": summary["final"][metric],
         "final_loss": summary["final"]["loss"],
-        "best_accuracy": summary["best"]["accuracy"],
+        f"best_{metric}": summary["best"][metric],
         "majority_baseline": summary["majority_baseline"],
         "trainable_params": summary["trainable_params"],
         "curve": curve,
