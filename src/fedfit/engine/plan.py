@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from fedfit.algorithms import make_algorithm
 from fedfit.config import Config, from_dict, to_dict
-from fedfit.data import TextDataset, load_dataset
+from fedfit.data import TextDataset, load_configured
 from fedfit.devices import Budget, build_population
 from fedfit.engine.setup import cost_context_for, partition_clients
 from fedfit.models import load_model, transformer_layers
@@ -67,7 +67,7 @@ def plan_rows(config: Config, methods: tuple[str, ...] = ()) -> list[PlanRow]:
 
 def _data(config: Config) -> tuple[TextDataset, int, int]:
     """The dataset, its number of labels, and the most examples one client holds."""
-    dataset = load_dataset(config.data.name)
+    dataset = load_configured(config.data, config.run.seed)
     parts = partition_clients(config, dataset)
     return dataset, max(2, len(dataset.label_names)), max(len(p) for p in parts)
 

@@ -15,7 +15,7 @@ import torch
 from fedfit.algorithms import make_algorithm
 from fedfit.algorithms.base import Algorithm, ClientData
 from fedfit.config import Config
-from fedfit.data import TextDataset, load_dataset, partition, tokenize
+from fedfit.data import TextDataset, load_configured, partition, tokenize
 from fedfit.devices import Population, build_population
 from fedfit.engine.channel import Channel
 from fedfit.models import get_model_info, load_model
@@ -69,13 +69,20 @@ def build(config: Config) -> RunSetup:
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     channel = make_channel(config)  # a bad [compress] fails before anything loads
-    dataset = load_dataset(config.data.name)
+    dataset = load_configured(config.data, config.run.seed)
     task = dataset.task
     info = get_model_info(config.model.name)
     if task not in info.tasks:
         raise ValueError(
             f"model {info.name!r} does not support the {task!r} task of dataset "
             f"{dataset.name!r} (it supports {', '.join(info.tasks)})"
+        )
+    # partitioning problems (too few clients, empty Dirichlet draws) fail before the model loads
+    parts = partition_clients(config, dataset)
+    if len(parts) != config.data.num_clients:
+        raise ValueError(
+            f"data.num_clients = {config.data.num_clients} but the {config.data.partition} "
+            f"partition of {dataset.name!r} gives {len(parts)} clients"
         )
     model, tokenizer = load_model(
         config.model.name, task, num_labels=max(2, len(dataset.label_names)), seed=config.run.seed
@@ -87,12 +94,6 @@ def build(config: Config) -> RunSetup:
     train_labels = None if lm else np.asarray(dataset.train_labels)
     test_labels = None if lm else np.asarray(dataset.test_labels)
 
-    parts = partition_clients(config, dataset)
-    if len(parts) != config.data.num_clients:
-        raise ValueError(
-            f"data.num_clients = {config.data.num_clients} but the {config.data.partition} "
-            f"partition of {dataset.name!r} gives {len(parts)} clients"
-        )
     shards = [
         ClientData(
             cid,
