@@ -1,6 +1,6 @@
 """Communication-efficient federated LM fine-tuning: perplexity against cumulative upload.
 
-    .venv/bin/python benchmarks/communication.py [--model smollm2-20m] [--rounds 8]
+    .venv/bin/python benchmarks/communication.py [--model smollm2-19m] [--rounds 8]
     .venv/bin/python benchmarks/communication.py --model smollm2-135m --rounds 3
     .venv/bin/python benchmarks/communication.py --quick      # smoke test, tiny-llama
 
@@ -63,7 +63,7 @@ CONFIGS: dict[str, list[str]] = {
     "partial-1/4-fp32": ["method.name=partial", "method.fraction=0.25"],
 }
 DEFAULT_CONFIGS = tuple(list(CONFIGS)[:6])
-FULL = {"model": "smollm2-20m", "rounds": 8, "eval_every": 1, "eval_examples": 300,
+FULL = {"model": "smollm2-19m", "rounds": 8, "eval_every": 1, "eval_examples": 300,
         "num_clients": 100, "clients_per_round": 5, "local_steps": 5}  # fmt: skip
 QUICK = {"model": "tiny-llama", "rounds": 2, "eval_every": 1, "eval_examples": 40,
          "num_clients": 12, "clients_per_round": 3, "local_steps": 2}  # fmt: skip

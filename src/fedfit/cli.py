@@ -215,8 +215,40 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(path: str) -> int:
+    """``fedfit models --inspect PATH``: a local checkpoint's layout and the methods for it."""
+    from fedfit.algorithms import ALGORITHMS
+    from fedfit.models.local import inspect_checkpoint
+
+    ckpt = inspect_checkpoint(path)
+    cfg = ckpt.config
+    console = Console()
+    console.print(f"[bold]{ckpt.folder}[/]")
+    for key, value in (
+        ("family", f"{ckpt.family} (model_type {cfg['model_type']!r})"),
+        ("tasks", ", ".join(ckpt.tasks)),
+        ("layers", cfg.get("num_hidden_layers")),
+        ("hidden size", cfg.get("hidden_size")),
+        ("vocabulary", cfg.get("vocab_size")),
+        ("max positions", cfg.get("max_position_embeddings")),
+        ("parameters", f"{ckpt.num_params:,} (backbone, no task head)"),
+        ("weights", ckpt.weights),
+    ):
+        console.print(f"  {key:<14} {value}")
+    for task in ckpt.tasks:
+        names = [
+            n for n, e in sorted(ALGORITHMS.items())
+            if task in getattr(e.cls, "tasks", ("classification", "lm"))
+        ]  # fmt: skip
+        console.print(f"  methods for {task}: {', '.join(names)}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from fedfit.models import list_models
+
+    if args.inspect:
+        return cmd_inspect(args.inspect)
 
     table = Table(title="fedfit model zoo (\\[model] name = ...)")
     for col in ("name", "family", "tasks", "layers", "hidden", "params", "source"):
@@ -333,7 +365,9 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     sub.add_parser("methods", help="list the methods").set_defaults(func=cmd_methods)
-    sub.add_parser("models", help="list the model zoo").set_defaults(func=cmd_models)
+    p = sub.add_parser("models", help="list the model zoo, or inspect a local checkpoint")
+    p.add_argument("--inspect", metavar="PATH", help="a local Hugging Face checkpoint folder")
+    p.set_defaults(func=cmd_models)
     sub.add_parser("data", help="list the datasets").set_defaults(func=cmd_data)
     return top
 

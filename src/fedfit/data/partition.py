@@ -45,11 +45,12 @@ def partition(
     alpha: float = 0.5,
     min_examples: int = 1,
     seed: int = 0,
+    num_examples: int | None = None,
 ) -> list[np.ndarray]:
     """One sorted int64 array of training-set indices per client (module docstring).
 
-    ``labels`` are needed by ``dirichlet``, ``groups`` by ``natural``; ``iid`` needs either
-    (only their length is used). Every client gets at least ``min_examples`` examples or a
+    ``labels`` are needed by ``dirichlet``, ``groups`` by ``natural``; ``iid`` needs either,
+    or ``num_examples`` (only the size is used: a language-modelling set has no labels). Every client gets at least ``min_examples`` examples or a
     ValueError says why not. The same arguments always give the same split. For
     ``natural`` the clients are the ``num_clients`` largest groups having >= ``min_examples``
     examples, largest first (ties by name; :func:`natural_client_names` gives the names).
@@ -59,7 +60,8 @@ def partition(
     if min_examples < 0:
         raise ValueError(f"min_examples must be >= 0, got {min_examples}")
     if scheme == "iid":
-        return _iid(_size(labels, groups), num_clients, min_examples, seed)
+        size = num_examples if num_examples is not None else _size(labels, groups)
+        return _iid(size, num_clients, min_examples, seed)
     if scheme == "inner_dirichlet":
         if labels is None:
             raise ValueError("scheme 'inner_dirichlet' splits by label: this dataset has no labels")

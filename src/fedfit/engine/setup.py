@@ -61,6 +61,7 @@ def partition_clients(config: Config, dataset: TextDataset) -> list[np.ndarray]:
         alpha=config.data.alpha,
         min_examples=config.data.min_examples,
         seed=config.run.seed,
+        num_examples=len(dataset.train_texts),
     )
 
 

