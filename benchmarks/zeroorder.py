@@ -275,7 +275,8 @@ def markdown(result: dict[str, Any]) -> str:
         out += [
             f"Target accuracy {_pct(target)}: {result['target_reason']}."
             + (
-                " It is at most one point above the majority class: reaching it says little."
+                f" It is below, or within one point of, the majority class ({_pct(majority)}):"
+                " reaching it says little, and the FLOPs ratios then compare cost per round."
                 if majority is not None and target <= majority + 0.01
                 else ""
             ),

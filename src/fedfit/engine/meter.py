@@ -63,14 +63,15 @@ class CostMeter:
         the gradients (forward-gradient and finite-difference methods pass their own) and
         ``kind`` names what decides its cost beyond the shapes (e.g. ``("jvp", tangents)``):
         steps of another kind are measured separately."""
-        # Cost depends on the batch shape and on what is trained (layer depth, adapters).
-        trainable = [p.numel() for p in model.parameters() if p.requires_grad]
+        # Cost depends on the batch shape and on WHICH tensors are trained, not only how many:
+        # the lowest trained block decides how deep backward goes (partial training, Spry's
+        # shares), so the key holds the trained tensors' positions in the model.
+        trainable = tuple(i for i, p in enumerate(model.parameters()) if p.requires_grad)
         # A client's first step creates the optimiser state; later steps carry it through
         # forward and backward, so they peak higher: both kinds are measured.
         key = (
             *batch["input_ids"].shape,
-            len(trainable),
-            sum(trainable),
+            trainable,
             skipped is not None,
             bool(optimizer.state),
             kind,
