@@ -88,18 +88,37 @@ def _central_line(run_dir: Path, metric: str) -> None:
     )
 
 
+def _executor_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """[run] keys from --executor, --workers and --ray-address (those given)."""
+    changes = {
+        key: value
+        for key, value in (
+            ("executor", args.executor),
+            ("workers", args.workers),
+            ("ray_address", args.ray_address),
+        )
+        if value is not None
+    }
+    if "executor" not in changes and {"workers", "ray_address"} & set(changes):
+        changes["executor"] = "ray"  # --workers / --ray-address only mean something on Ray
+    return changes
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedfit.config import load_config
     from fedfit.engine.local import resume_run, run
 
+    changes = _executor_changes(args)
     if args.resume:
         if args.config or args.set:
             raise SystemExit("--resume takes the run folder's own config; drop CONFIG and --set")
         bar, update = _progress_bar(f"resume {Path(args.resume).name}")
         with bar:
-            run_dir = resume_run(args.resume, progress=update)
+            run_dir = resume_run(args.resume, changes, progress=update)
     else:
         config = load_config(args.config, args.set)
+        if changes:
+            config = dataclasses.replace(config, run=dataclasses.replace(config.run, **changes))
         bar, update = _progress_bar(f"{config.method.name} on {config.data.name}")
         with bar:
             run_dir = run(config, overwrite=args.overwrite, progress=update)
@@ -325,6 +344,25 @@ def parser() -> argparse.ArgumentParser:
         "--central",
         action="store_true",
         help="afterwards, also run the centralised reference with the same step budget",
+    )
+    p.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        help="where clients train: in this process (local, default) or on Ray actors "
+        "(run.executor)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="Ray actors, each with its own model (run.workers, default 2; implies --executor "
+        "ray); torch threads per actor: run.threads, or 1",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="join an existing Ray cluster (run.ray_address; implies --executor ray); default: "
+        "start a local Ray instance and stop it at the end",
     )
     p.set_defaults(func=cmd_run)
 

@@ -1,9 +1,13 @@
 """The in-process executor (default): one model, clients run one after another.
 
-Per round: sample K clients (seeded by run seed and round), for each client ``configure`` ->
-``client_update`` on the shared model -> the payload goes through real serialisation (its
-byte count is the upload, and the server only ever sees the deserialised copy) ->
-``aggregate``. Evaluation every ``run.eval_every`` rounds and at the last round.
+Per round: sample K clients (seeded by run seed and round); server side, ``start_round`` and,
+client by client in that order, ``configure`` -> the download through the channel
+(``client_tasks``); client side, per client, ``client_update`` on the shared model -> the
+payload goes through real serialisation (its byte count is the upload, and the server only
+ever sees the deserialised copy) (``run_client``); server side again, ``aggregate`` of the
+updates in the round's order. Evaluation every ``run.eval_every`` rounds and at the last
+round. With ``run.executor = "ray"`` the same loop runs here and only the client side moves to
+Ray actors (engine/ray.py), through the same ``run_client``.
 
 Run folder (``runs/NAME/``): config.toml (resolved), rounds.jsonl (one line per round, only
 deterministic content, so two runs with the same seed write identical files), clients.jsonl
@@ -21,18 +25,32 @@ import json
 import os
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from fedfit.algorithms.base import ClientContext, ServerState, Update, load_tensors_
+from fedfit.algorithms.base import (
+    Algorithm,
+    ClientContext,
+    ClientData,
+    ClientTask,
+    ServerState,
+    Update,
+    load_tensors_,
+)
 from fedfit.config import Config, load_config, to_toml
 from fedfit.devices import Budget
+from fedfit.engine.channel import Channel
 from fedfit.engine.meter import CostMeter
 from fedfit.engine.setup import RunSetup, build, derive_seed, evaluate, log, majority_baseline
 from fedfit.planning import Plan
+
+if TYPE_CHECKING:
+    from fedfit.engine.ray import RayPool
 
 ProgressFn = Callable[[int, int, dict[str, Any] | None], None]
 
@@ -77,47 +95,124 @@ def load_checkpoint(run_dir: Path) -> tuple[ServerState, dict[str, Any]]:
     return ServerState(**data.pop("state")), data
 
 
+@dataclass
+class ClientResult:
+    """What the client side of one client's round hands back to the server: the update as
+    the server receives it (after the channel) and the measured part of its clients.jsonl row
+    (num_examples, steps, train_loss, upload_bytes, flops, peak_memory_bytes, memory, wall_s)."""
+
+    update: Update
+    row: dict[str, Any]
+
+
+# The client side of a round: (state, the round's clients, their tasks) -> results in order.
+ClientRunner = Callable[[ServerState, list[int], list[ClientTask]], list[ClientResult]]
+
+
+def client_tasks(
+    setup: RunSetup, state: ServerState, round_: int, clients: list[int]
+) -> list[tuple[ClientTask, int]]:
+    """Server side, before any client trains: ``configure`` each client in the round's order
+    with its (seed, round, client) seed, and send its download through the channel; returns
+    the tasks as the clients receive them, with each download's size in bytes."""
+    seed = setup.config.run.seed
+    tasks = []
+    for cid in clients:
+        task = setup.algorithm.configure(
+            state, cid, derive_seed(seed, round_, cid), setup.plans[cid]
+        )
+        tasks.append(setup.channel.download(task, round_))
+    return tasks
+
+
+def run_client(
+    algorithm: Algorithm,
+    model: torch.nn.Module,
+    task: ClientTask,
+    shard: ClientData,
+    channel: Channel,
+    ctx: ClientContext,
+    meter: CostMeter,
+) -> ClientResult:
+    """Client side of one client's round, on whichever process holds ``model``:
+    ``client_update`` measured by ``meter``, then the upload through the channel (the update's
+    payload becomes what the server receives). Both executors run every client through this."""
+    meter.start_client()
+    t0 = time.perf_counter()
+    update = algorithm.client_update(model, task, shard, ctx)
+    wall = time.perf_counter() - t0
+    upload_bytes = channel.upload(update, task)
+    memory = meter.memory.as_dict() if meter.memory else {}
+    row = {
+        "num_examples": update.num_examples,
+        "steps": int(update.metrics.get("steps", 0)),
+        "train_loss": update.metrics.get("train_loss"),
+        "upload_bytes": upload_bytes,
+        "flops": meter.flops,
+        "peak_memory_bytes": memory.get("peak_bytes"),
+        "memory": memory,
+        "wall_s": round(wall, 4),
+    }
+    return ClientResult(update, row)
+
+
+def in_process(setup: RunSetup, meter: CostMeter) -> ClientRunner:
+    """The local executor's client side: every client on the one shared model, in order."""
+    ctx = ClientContext(train=setup.config.train, meter=meter)
+
+    def run_clients(
+        state: ServerState, clients: list[int], tasks: list[ClientTask]
+    ) -> list[ClientResult]:
+        return [
+            run_client(
+                setup.algorithm,
+                setup.model,
+                task,
+                setup.shards[task.client_id],
+                setup.channel,
+                ctx,
+                meter,
+            )
+            for task in tasks
+        ]
+
+    return run_clients
+
+
 def run_round(
-    setup: RunSetup, state: ServerState, round_: int, meter: CostMeter
+    setup: RunSetup,
+    state: ServerState,
+    round_: int,
+    meter: CostMeter,
+    run_clients: ClientRunner | None = None,
 ) -> tuple[ServerState, list[dict[str, Any]], dict[str, Any]]:
-    """One federated round; returns the new state, per-client rows and the round row."""
+    """One federated round; returns the new state, per-client rows and the round row.
+
+    The server's part runs here: sampling, ``start_round``, ``configure`` and the download of
+    every client (in the round's order), then ``aggregate`` of the updates in that same
+    order. ``run_clients`` runs the clients' part (default: in process, one after another;
+    engine/ray.py spreads them over actors) and returns their results in the tasks' order.
+    """
     cfg = setup.config
-    ctx = ClientContext(train=cfg.train, meter=meter)
     clients = sample_clients(cfg.run.seed, round_, setup.eligible, cfg.data.clients_per_round)
     setup.algorithm.start_round(state, clients)
-    updates: list[Update] = []
-    client_rows: list[dict[str, Any]] = []
-    channel = setup.channel
-    channel.start_round()
-    for cid in clients:
-        plan = setup.plans[cid]
-        task = setup.algorithm.configure(state, cid, derive_seed(cfg.run.seed, round_, cid), plan)
-        task, download_bytes = channel.download(task, round_)
-        meter.start_client()
-        t0 = time.perf_counter()
-        update = setup.algorithm.client_update(setup.model, task, setup.shards[cid], ctx)
-        wall = time.perf_counter() - t0
-        upload_bytes = channel.upload(update, task)
-        updates.append(update)
-        memory = meter.memory.as_dict() if meter.memory else {}
-        client_rows.append(
-            {
-                "round": round_,
-                "client_id": cid,
-                "num_examples": update.num_examples,
-                "steps": int(update.metrics.get("steps", 0)),
-                "train_loss": update.metrics.get("train_loss"),
-                "upload_bytes": upload_bytes,
-                "download_bytes": download_bytes,
-                "flops": meter.flops,
-                "peak_memory_bytes": memory.get("peak_bytes"),
-                "memory": memory,
-                "wall_s": round(wall, 4),
-                **_plan_fields(
-                    plan, setup.population.budgets[cid], setup.population.tier_names[cid]
-                ),
-            }
-        )
+    setup.channel.start_round()
+    sent = client_tasks(setup, state, round_, clients)
+    runner = run_clients or in_process(setup, meter)
+    results = runner(state, clients, [task for task, _ in sent])
+    updates = [r.update for r in results]
+    client_rows = [
+        {
+            "round": round_,
+            "client_id": cid,
+            **result.row,
+            "download_bytes": download_bytes,
+            **_plan_fields(
+                setup.plans[cid], setup.population.budgets[cid], setup.population.tier_names[cid]
+            ),
+        }
+        for cid, result, (_, download_bytes) in zip(clients, results, sent, strict=True)
+    ]
     new_state = setup.algorithm.aggregate(state, updates)
     weights = np.array([u.num_examples for u in updates], dtype=float)
     losses = np.array([u.metrics.get("train_loss", np.nan) for u in updates])
@@ -215,11 +310,15 @@ def run(
     progress: ProgressFn | None = None,
     stop_after: int | None = None,
     plots: bool = True,
+    pool: RayPool | None = None,
 ) -> Path:
     """Run (or resume) a federated experiment; returns its run folder.
 
     ``stop_after`` ends the process's work after that round (as if killed), for tests and
-    for running a long experiment in pieces; ``--resume`` continues it.
+    for running a long experiment in pieces; ``--resume`` continues it. With
+    ``run.executor = "ray"`` the clients run on Ray actors (engine/ray.py): on ``pool`` if
+    given (an entered RayPool matching the config, reused across runs), else on a pool
+    opened for this run and closed at its end.
     """
     run_dir = Path(config.run.output_dir) / config.run.name
     if resume:
@@ -242,52 +341,63 @@ def run(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(to_toml(config))
 
-    t_start = time.perf_counter()
-    setup = build(config)
-    state = setup.algorithm.init(setup.model)
-    wall_before = 0.0
-    if resume:
-        state, extra = load_checkpoint(run_dir)
-        wall_before = float(extra.get("wall_s", 0.0))
-        for name in ("rounds.jsonl", "clients.jsonl", "timing.jsonl"):
-            _truncate_jsonl(run_dir / name, state.round)
-        log(f"resuming {run_dir} after round {state.round}")
-    setup_s = time.perf_counter() - t_start
+    with ExitStack() as stack:
+        t_start = time.perf_counter()
+        if config.run.executor == "ray":
+            from fedfit.engine.ray import RayPool
 
-    meter = CostMeter()
-    previous = _read_jsonl(run_dir / "rounds.jsonl")
-    cum = {k: previous[-1][f"cum_{k}"] if previous else 0 for k in CUMULATIVE}
-    last = config.run.rounds if stop_after is None else min(config.run.rounds, stop_after)
-    wall = wall_before + setup_s
-    for round_ in range(state.round + 1, last + 1):
-        t0 = time.perf_counter()
-        state, client_rows, row = run_round(setup, state, round_, meter)
-        train_s = time.perf_counter() - t0
-        eval_s = 0.0
-        if round_ % config.run.eval_every == 0 or round_ == config.run.rounds:
-            t1 = time.perf_counter()
-            load_tensors_(setup.model, state.params)
-            row["eval"] = evaluate(setup.model, setup.test, config.train.eval_batch_size)
-            eval_s = time.perf_counter() - t1
-        wall += train_s + eval_s
-        for k in CUMULATIVE:
-            cum[k] += row[k]
-            row[f"cum_{k}"] = cum[k]
-        for c in client_rows:
-            _append(run_dir / "clients.jsonl", c)
-        _append(run_dir / "rounds.jsonl", row)
-        _append(
-            run_dir / "timing.jsonl",
-            {
-                "round": round_,
-                "train_s": round(train_s, 3),
-                "eval_s": round(eval_s, 3),
-                "wall_s": round(wall, 3),
-            },
-        )
-        save_checkpoint(run_dir, state, {"wall_s": wall})
-        if progress:
-            progress(round_, config.run.rounds, row.get("eval"))
+            if pool is None:
+                # Ray and its actors start (and import torch) while this process builds.
+                pool = stack.enter_context(RayPool.for_config(config))
+            pool.check(config)
+        elif pool is not None:
+            raise ValueError('a Ray pool was given but run.executor is "local"')
+        setup = build(config)
+        state = setup.algorithm.init(setup.model)
+        run_clients = pool.start(setup) if pool is not None else None
+        wall_before = 0.0
+        if resume:
+            state, extra = load_checkpoint(run_dir)
+            wall_before = float(extra.get("wall_s", 0.0))
+            for name in ("rounds.jsonl", "clients.jsonl", "timing.jsonl"):
+                _truncate_jsonl(run_dir / name, state.round)
+            log(f"resuming {run_dir} after round {state.round}")
+        setup_s = time.perf_counter() - t_start
+
+        meter = CostMeter()
+        previous = _read_jsonl(run_dir / "rounds.jsonl")
+        cum = {k: previous[-1][f"cum_{k}"] if previous else 0 for k in CUMULATIVE}
+        last = config.run.rounds if stop_after is None else min(config.run.rounds, stop_after)
+        wall = wall_before + setup_s
+        for round_ in range(state.round + 1, last + 1):
+            t0 = time.perf_counter()
+            state, client_rows, row = run_round(setup, state, round_, meter, run_clients)
+            train_s = time.perf_counter() - t0
+            eval_s = 0.0
+            if round_ % config.run.eval_every == 0 or round_ == config.run.rounds:
+                t1 = time.perf_counter()
+                load_tensors_(setup.model, state.params)
+                row["eval"] = evaluate(setup.model, setup.test, config.train.eval_batch_size)
+                eval_s = time.perf_counter() - t1
+            wall += train_s + eval_s
+            for k in CUMULATIVE:
+                cum[k] += row[k]
+                row[f"cum_{k}"] = cum[k]
+            for c in client_rows:
+                _append(run_dir / "clients.jsonl", c)
+            _append(run_dir / "rounds.jsonl", row)
+            _append(
+                run_dir / "timing.jsonl",
+                {
+                    "round": round_,
+                    "train_s": round(train_s, 3),
+                    "eval_s": round(eval_s, 3),
+                    "wall_s": round(wall, 3),
+                },
+            )
+            save_checkpoint(run_dir, state, {"wall_s": wall})
+            if progress:
+                progress(round_, config.run.rounds, row.get("eval"))
 
     rounds = _read_jsonl(run_dir / "rounds.jsonl")
     summary = _summary(setup, rounds, _read_jsonl(run_dir / "clients.jsonl"), wall)
@@ -299,8 +409,13 @@ def run(
     return run_dir
 
 
-def resume_run(run_dir: str | Path, **kwargs: Any) -> Path:
-    """Continue a run from its folder, with the config it was started with."""
+def resume_run(
+    run_dir: str | Path, run_changes: dict[str, Any] | None = None, **kwargs: Any
+) -> Path:
+    """Continue a run from its folder, with the config it was started with.
+
+    ``run_changes``: [run] keys that say where clients run, not what they compute
+    (``executor``, ``workers``, ``ray_address``), to continue it elsewhere."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").exists():
         raise FileNotFoundError(f"{run_dir}: not a run folder (no config.toml)")
@@ -310,6 +425,24 @@ def resume_run(run_dir: str | Path, **kwargs: Any) -> Path:
 
     config = dataclasses.replace(
         config,
-        run=dataclasses.replace(config.run, output_dir=str(run_dir.parent), name=run_dir.name),
+        run=dataclasses.replace(
+            config.run,
+            output_dir=str(run_dir.parent),
+            name=run_dir.name,
+            **_execution_only(run_changes or {}),
+        ),
     )
     return run(config, resume=True, **kwargs)
+
+
+EXECUTION_KEYS = ("executor", "workers", "ray_address")
+
+
+def _execution_only(changes: dict[str, Any]) -> dict[str, Any]:
+    other = sorted(set(changes) - set(EXECUTION_KEYS))
+    if other:
+        raise ValueError(
+            f"a resumed run keeps its config; only run.{', run.'.join(EXECUTION_KEYS)} may "
+            f"change, not run.{', run.'.join(other)}"
+        )
+    return changes

@@ -1,0 +1,241 @@
+"""The Ray executor against the local one: same seed, same rounds, same global model.
+
+Ray's start-up dominates this file (measured on 2 cores busy with other work: a local
+instance 7-8 s, `ray start --head` 10 s, joining it 1.6 s, two actors importing torch and
+fedfit and building their setup 15-20 s; the whole file about 65 s), so each is paid once:
+the head of the "existing cluster" starts in the background when the first test that needs it
+begins, while the CLI test starts (and stops) fedfit's own local instance for FedAvg; the
+cluster test runs LoRA and FedKSeed on one pool of actors (``run(config, pool=...)``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedfit.cli import _executor_changes, main, parser
+from fedfit.config import ConfigError, load_config
+from fedfit.engine.local import run
+
+ray = pytest.importorskip("ray")
+
+from fedfit.algorithms.base import ClientTask, ServerState  # noqa: E402
+from fedfit.engine.ray import RayPool, RoundWork, import_ray, split  # noqa: E402
+
+TINY = [
+    "model.name=tiny-bert",
+    "model.max_length=32",
+    "data.num_clients=12",
+    "data.clients_per_round=3",  # split 2 + 1 over two workers
+    "data.min_examples=20",
+    "data.eval_examples=150",
+    "run.rounds=2",
+    "run.eval_every=1",
+    "run.threads=1",  # the local executor and each actor: one thread, the same kernels
+    "train.local_steps=2",
+    "train.batch_size=8",
+    "train.lr=5e-3",
+]
+
+
+def tiny(tmp_path: Path, *extra: str):
+    return load_config(None, [*TINY, f"run.output_dir={tmp_path}", *extra])
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def assert_same_run(local: Path, remote: Path) -> None:
+    """Bytes and FLOPs exactly, losses and accuracies to 1e-6, global tensors to atol 1e-6."""
+    a, b = rows(local / "rounds.jsonl"), rows(remote / "rounds.jsonl")
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("clients", "upload_bytes", "download_bytes", "client_flops"):
+            assert ra[key] == rb[key], key
+        assert ra["cum_upload_bytes"] == rb["cum_upload_bytes"] > 0
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-6, abs=1e-6)
+        for key, value in ra["eval"].items():
+            assert rb["eval"][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+    ca, cb = rows(local / "clients.jsonl"), rows(remote / "clients.jsonl")
+    for x, y in zip(ca, cb, strict=True):
+        for key in ("round", "client_id", "num_examples", "steps", "upload_bytes", "flops"):
+            assert x[key] == y[key], key
+        assert x["download_bytes"] == y["download_bytes"]
+    assert {c["worker"] for c in cb} == {0, 1}  # both actors trained clients
+    pa = torch.load(local / "checkpoint.pt", weights_only=False)["state"]["params"]
+    pb = torch.load(remote / "checkpoint.pt", weights_only=False)["state"]["params"]
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        torch.testing.assert_close(pb[name], pa[name], atol=1e-6, rtol=0)
+    moved = max(float((pa[n] - pb[n]).abs().max()) for n in pa)
+    assert moved <= 1e-6
+
+
+class Head:
+    """`ray start --head --block` on loopback, started at once, ready when ``address`` is read;
+    stopped by signalling that process (it stops what it started), never `ray stop`, which
+    would stop every Ray instance on the machine."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        # Ray's socket paths must stay short: a private temp dir directly under /tmp.
+        self.temp = tempfile.mkdtemp(prefix="fedfit-ray-", dir="/tmp")
+        env = {
+            **os.environ,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind to 127.0.0.1 (engine/ray.py)
+        }
+        self.proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "ray"),
+                "start",
+                "--head",
+                "--block",
+                f"--port={self.port}",
+                "--node-ip-address=127.0.0.1",
+                "--num-cpus=2",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+                f"--ray-client-server-port={free_port()}",
+                f"--temp-dir={self.temp}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        self.log: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.log.append(line)
+            if "Ray runtime started" in line:
+                self.ready.set()
+
+    @property
+    def address(self) -> str:
+        if not self.ready.wait(90):
+            raise RuntimeError("ray start --head did not start:\n" + "".join(self.log[-20:]))
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def head() -> Iterator[Head]:
+    cluster = Head()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_split_contiguous_balanced() -> None:
+    assert split(3, 2) == [(0, 2), (2, 3)]
+    assert split(6, 3) == [(0, 2), (2, 4), (4, 6)]
+    assert split(1, 3) == [(0, 1)]  # idle workers get nothing
+
+
+def test_round_work_serialises_a_shared_download_once() -> None:
+    # Prepare: the global tensors (400 kB) downloaded by three clients, as FedAvg configures.
+    params = {"w": torch.randn(100_000)}
+    state = ServerState(1, params)
+    tasks = [ClientTask(c, 2, c, download=params) for c in range(3)]
+    # Execute: the round's work pickled as ray.put does (cloudpickle), vs one client's.
+    three = len(ray.cloudpickle.dumps(RoundWork(state, [0, 1, 2], tasks)))
+    one = len(ray.cloudpickle.dumps(RoundWork(state, [0], tasks[:1])))
+    # Assert: the tensor travels once, not once per client (nor again with the state).
+    assert 400_000 < one < 410_000 and three - one < 1_000
+
+
+def test_config_and_flags() -> None:
+    cfg = load_config(None, ["run.executor=ray", "run.workers=3", "run.ray_address=h:6379"])
+    assert (cfg.run.executor, cfg.run.workers, cfg.run.ray_address) == ("ray", 3, "h:6379")
+    for bad, key in (
+        (["run.executor=dask"], "run.executor"),
+        (["run.executor=ray", "run.workers=0"], "run.workers"),
+        (["run.ray_address=h:6379"], "run.ray_address"),  # without executor = ray
+        (["run.executor=ray", "run.ray_address=nohost"], "run.ray_address"),
+    ):
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, bad)
+    args = parser().parse_args(["run", "--workers", "4"])
+    assert _executor_changes(args) == {"workers": 4, "executor": "ray"}
+    args = parser().parse_args(["run", "--executor", "ray", "--ray-address", "127.0.0.1:1"])
+    assert _executor_changes(args) == {"executor": "ray", "ray_address": "127.0.0.1:1"}
+
+
+def test_missing_ray_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RAY_USAGE_STATS_ENABLED", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))  # restored afterwards
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r'pip install "ray\[default\]"'):
+        import_ray(loopback=True)
+
+
+def test_unreachable_cluster_fails_fast(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    t0 = time.perf_counter()
+    code = main(["run", *(f"--set={s}" for s in TINY), f"--set=run.output_dir={tmp_path}",
+                 "--ray-address", address])  # fmt: skip
+    assert code == 2 and time.perf_counter() - t0 < 15
+    assert f"no Ray cluster answers at {address}" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_local_ray_instance_matches_local_executor(tmp_path: Path, head: Head) -> None:
+    # `head` starts the cluster of the next test now, so that its start-up overlaps this one.
+    sets = [f"--set={s}" for s in (*TINY, f"run.output_dir={tmp_path}", "method.name=fedavg")]
+    assert main(["run", *sets, "--set=run.name=ray", "--executor", "ray", "--workers", "2"]) == 0
+    assert not ray.is_initialized()  # fedfit's own instance is shut down at the end
+    recorded = load_config(tmp_path / "ray" / "config.toml")
+    assert (recorded.run.executor, recorded.run.workers) == ("ray", 2)
+    local = run(tiny(tmp_path, "run.name=local", "method.name=fedavg"), plots=False)
+    assert_same_run(local, tmp_path / "ray")
+
+
+def test_existing_cluster_matches_local_executor(tmp_path: Path, head: Head) -> None:
+    address = head.address
+    extra = {"lora": ["method.name=lora"], "fedkseed": ["method.name=fedkseed",
+                                                        "method.num_seeds=64"]}  # fmt: skip
+    with RayPool(workers=2, threads=1, address=address) as pool:
+        for name, method in extra.items():
+            on_ray = tiny(tmp_path, f"run.name={name}-ray", "run.executor=ray",
+                          f"run.ray_address={address}", *method)  # fmt: skip
+            remote = run(on_ray, plots=False, pool=pool)
+            local = run(tiny(tmp_path, f"run.name={name}-local", *method), plots=False)
+            assert_same_run(local, remote)
+    assert not ray.is_initialized()
+    assert head.proc.poll() is None  # the cluster is left running: it is not ours to stop
