@@ -80,6 +80,34 @@ def run_and_read(config: Config) -> dict[str, Any]:
     }
 
 
+def fill_sizes(args: Any, sizes: dict[str, Any]) -> None:
+    """Give every size flag the user left unset its value from ``sizes`` (FULL or QUICK)."""
+    for key, value in sizes.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def notes_lines(result: dict[str, Any]) -> list[str]:
+    """The result's notes and caveats as markdown bullets (and a blank line), or nothing."""
+    notes = [*result["notes"], *result.get("caveats", [])]
+    return [f"- {note}" for note in notes] + ([""] if notes else [])
+
+
+def by_round_table(
+    title: str, label: str, rows: list[dict[str, Any]], key: str, cell: Callable[[dict], str]
+) -> list[str]:
+    """A markdown table of each row's evaluations by round: ``rows[i][key]`` names the row,
+    ``cell(point)`` formats one evaluation of its curve."""
+    if not rows:
+        return []
+    evals = [p["round"] for p in rows[0]["curve"]]
+    out = ["", f"{title}:", "", f"| {label} | " + " | ".join(f"r{e}" for e in evals) + " |",
+           "|---|" + "---|" * len(evals)]  # fmt: skip
+    for r in rows:
+        out.append(f"| {r[key]} | " + " | ".join(cell(p) for p in r["curve"]) + " |")
+    return out
+
+
 def write_outputs(
     result: dict[str, Any],
     out: Path,

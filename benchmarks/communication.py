@@ -40,7 +40,16 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from common import DEFAULT_TOML, RESULTS, log, run_and_read, write_outputs
+from common import (
+    DEFAULT_TOML,
+    RESULTS,
+    by_round_table,
+    fill_sizes,
+    log,
+    notes_lines,
+    run_and_read,
+    write_outputs,
+)
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
@@ -184,8 +193,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"**{result['verdict']}**",
             "",
         ]
-    notes = [*result["notes"], *result.get("caveats", [])]
-    out += [f"- {n}" for n in notes] + ([""] if notes else [])
+    out += notes_lines(result)
     heads = {h["config"]: h for h in result.get("headline", [])}
     out += [
         "| configuration | final ppl | best ppl | upload to target | fedavg-fp32 / it "
@@ -209,14 +217,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"{format_flops(r['flops_per_client_round'])} | "
             f"{format_bytes(r['peak_memory_bytes_max'])} | {format_duration(r['train_s'])} |"
         )
-    if rows:
-        evals = [p["round"] for p in rows[0]["curve"]]
-        out += ["", "Perplexity by round:", "",
-                "| configuration | " + " | ".join(f"r{e}" for e in evals) + " |",
-                "|---|" + "---|" * len(evals)]  # fmt: skip
-        for r in rows:
-            cells = " | ".join(f"{p['perplexity']:.1f}" for p in r["curve"])
-            out.append(f"| {r['config']} | {cells} |")
+    out += by_round_table(
+        "Perplexity by round", "configuration", rows, "config", lambda p: f"{p['perplexity']:.1f}"
+    )
     return "\n".join(out) + "\n"
 
 
@@ -270,9 +273,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--runs-dir", help="where run folders go (default: a temp folder)")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny-llama, 2 rounds")
     args = parser.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_sizes(args, QUICK if args.quick else FULL)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:

@@ -39,7 +39,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from common import DEFAULT_TOML, RESULTS, log, run_and_read, write_outputs
+from common import DEFAULT_TOML, RESULTS, fill_sizes, log, run_and_read, write_outputs
 from matplotlib.figure import Figure
 
 from fedfit.algorithms import ALGORITHMS
@@ -261,9 +261,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--runs-dir", help="where the run folders go (default: a temp folder)")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny-bert, 2 rounds")
     args = parser.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_sizes(args, QUICK if args.quick else FULL)
     args.alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]

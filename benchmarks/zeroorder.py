@@ -61,7 +61,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import DEFAULT_TOML, RESULTS, log, run_and_read, write_outputs
+from common import (
+    DEFAULT_TOML,
+    RESULTS,
+    by_round_table,
+    fill_sizes,
+    log,
+    notes_lines,
+    run_and_read,
+    write_outputs,
+)
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
@@ -284,8 +293,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"**{result['verdict']}**",
             "",
         ]
-    notes = [*result["notes"], *result.get("caveats", [])]
-    out += [f"- {note}" for note in notes] + ([""] if notes else [])
+    out += notes_lines(result)
     heads = {h["method"]: h for h in result.get("headline", [])}
     out += [
         "| method | lr | eps | final acc. | best acc. | FLOPs to target | / fedspzo's "
@@ -331,14 +339,9 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {p['method']} | {p['lr']:g} | {p['eps']:g} | {_pct(p['final_accuracy'])} | "
                 f"{p['final_loss']:.4f} | {format_duration(p['train_s'])} | {mark} |"
             )
-    if rows:
-        evals = [p["round"] for p in rows[0]["curve"]]
-        out += ["", "Accuracy by round:", "",
-                "| method | " + " | ".join(f"r{e}" for e in evals) + " |",
-                "|---|" + "---|" * len(evals)]  # fmt: skip
-        for r in rows:
-            cells = " | ".join(f"{100 * p['accuracy']:.1f}" for p in r["curve"])
-            out.append(f"| {r['method']} | {cells} |")
+    out += by_round_table(
+        "Accuracy by round", "method", rows, "method", lambda p: f"{100 * p['accuracy']:.1f}"
+    )
     return "\n".join(out) + "\n"
 
 
@@ -440,9 +443,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--runs-dir", help="where the run folders go (default: a temp folder)")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny-bert, 2 rounds")
     args = parser.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_sizes(args, QUICK if args.quick else FULL)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:

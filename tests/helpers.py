@@ -1,11 +1,41 @@
-"""Shared test helpers: tiny shards, dropout off."""
+"""Shared test helpers: tiny shards, dropout off, tiny engine runs and their rows."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedfit.algorithms.base import ClientData
+from fedfit.config import Config, load_config
+
+# A whole federated run on tiny-bert in seconds (the engine tests' workload).
+TINY_RUN = [
+    "model.name=tiny-bert",
+    "model.max_length=32",
+    "data.num_clients=12",
+    "data.clients_per_round=3",
+    "data.min_examples=20",
+    "data.eval_examples=150",
+    "run.rounds=3",
+    "run.eval_every=1",
+    "train.local_steps=2",
+    "train.batch_size=8",
+    "train.lr=5e-3",
+]
+
+
+def tiny_run_config(tmp_path: Path, *extra: str, base: list[str] = TINY_RUN) -> Config:
+    """``base`` (TINY_RUN) writing under ``tmp_path``, then ``extra`` overrides."""
+    return load_config(None, [*base, f"run.output_dir={tmp_path}", *extra])
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a run's .jsonl file."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def no_dropout(model: torch.nn.Module) -> torch.nn.Module:

@@ -8,30 +8,17 @@ from pathlib import Path
 import pytest
 
 from fedfit.cli import main
-from fedfit.config import load_config
 from fedfit.engine.local import resume_run, run, sample_clients
+from tests.helpers import TINY_RUN, read_rows, tiny_run_config
 
-TINY = [
-    "model.name=tiny-bert",
-    "model.max_length=32",
-    "data.num_clients=12",
-    "data.clients_per_round=3",
-    "data.min_examples=20",
-    "data.eval_examples=150",
-    "run.rounds=3",
-    "run.eval_every=1",
-    "train.local_steps=2",
-    "train.batch_size=8",
-    "train.lr=5e-3",
-]
+TINY = TINY_RUN
 
 
 def tiny(tmp_path: Path, *extra: str):
-    return load_config(None, [*TINY, f"run.output_dir={tmp_path}", *extra])
+    return tiny_run_config(tmp_path, *extra)
 
 
-def rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+rows = read_rows
 
 
 def test_sampling_is_seeded_and_without_replacement() -> None:

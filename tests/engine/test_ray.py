@@ -10,7 +10,6 @@ cluster test runs LoRA and FedKSeed on one pool of actors (``run(config, pool=..
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -34,29 +33,18 @@ ray = pytest.importorskip("ray")
 
 from fedfit.algorithms.base import ClientTask, ServerState  # noqa: E402
 from fedfit.engine.ray import RayPool, RoundWork, import_ray, split  # noqa: E402
+from tests.helpers import TINY_RUN, read_rows, tiny_run_config  # noqa: E402
 
-TINY = [
-    "model.name=tiny-bert",
-    "model.max_length=32",
-    "data.num_clients=12",
-    "data.clients_per_round=3",  # split 2 + 1 over two workers
-    "data.min_examples=20",
-    "data.eval_examples=150",
-    "run.rounds=2",
-    "run.eval_every=1",
-    "run.threads=1",  # the local executor and each actor: one thread, the same kernels
-    "train.local_steps=2",
-    "train.batch_size=8",
-    "train.lr=5e-3",
-]
+# 3 clients per round split 2 + 1 over two workers; the local executor and each actor on one
+# thread, the same kernels.
+TINY = [*TINY_RUN, "run.rounds=2", "run.threads=1"]
 
 
 def tiny(tmp_path: Path, *extra: str):
-    return load_config(None, [*TINY, f"run.output_dir={tmp_path}", *extra])
+    return tiny_run_config(tmp_path, *extra, base=TINY)
 
 
-def rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+rows = read_rows
 
 
 def free_port() -> int:

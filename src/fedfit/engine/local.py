@@ -156,6 +156,24 @@ def run_client(
     return ClientResult(update, row)
 
 
+def run_tasks(
+    setup: RunSetup, tasks: list[ClientTask], ctx: ClientContext, meter: CostMeter
+) -> list[ClientResult]:
+    """``run_client`` for each task, one after another, on ``setup``'s one model."""
+    return [
+        run_client(
+            setup.algorithm,
+            setup.model,
+            task,
+            setup.shards[task.client_id],
+            setup.channel,
+            ctx,
+            meter,
+        )
+        for task in tasks
+    ]
+
+
 def in_process(setup: RunSetup, meter: CostMeter) -> ClientRunner:
     """The local executor's client side: every client on the one shared model, in order."""
     ctx = ClientContext(train=setup.config.train, meter=meter)
@@ -163,18 +181,7 @@ def in_process(setup: RunSetup, meter: CostMeter) -> ClientRunner:
     def run_clients(
         state: ServerState, clients: list[int], tasks: list[ClientTask]
     ) -> list[ClientResult]:
-        return [
-            run_client(
-                setup.algorithm,
-                setup.model,
-                task,
-                setup.shards[task.client_id],
-                setup.channel,
-                ctx,
-                meter,
-            )
-            for task in tasks
-        ]
+        return run_tasks(setup, tasks, ctx, meter)
 
     return run_clients
 

@@ -59,7 +59,7 @@ import torch
 
 from fedfit.algorithms.base import ClientContext, ClientTask, ServerState
 from fedfit.config import Config, ConfigError
-from fedfit.engine.local import ClientResult, ClientRunner, run_client
+from fedfit.engine.local import ClientResult, ClientRunner, run_tasks
 from fedfit.engine.meter import CostMeter
 from fedfit.engine.setup import RunSetup, build, log
 
@@ -182,18 +182,7 @@ class ClientWorker:
         assert setup is not None, "prepare(config) first"
         setup.algorithm.start_round(work.state, work.clients)
         setup.channel.start_round()
-        return [
-            run_client(
-                setup.algorithm,
-                setup.model,
-                task,
-                setup.shards[task.client_id],
-                setup.channel,
-                self.ctx,
-                self.meter,
-            )
-            for task in work.tasks[start:stop]
-        ]
+        return run_tasks(setup, list(work.tasks[start:stop]), self.ctx, self.meter)
 
 
 class RayPool:
