@@ -38,6 +38,33 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def assert_same_as_local(local: Path, remote: Path, rounds: int) -> None:
+    """Another executor's run folder against the local executor's for the same config: bytes
+    and FLOPs exactly, losses and accuracies to 1e-6, every global tensor to atol 1e-6."""
+    import pytest
+
+    a, b = read_rows(local / "rounds.jsonl"), read_rows(remote / "rounds.jsonl")
+    assert len(a) == len(b) == rounds
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("clients", "upload_bytes", "download_bytes", "client_flops"):
+            assert ra[key] == rb[key], key
+        assert ra["cum_upload_bytes"] == rb["cum_upload_bytes"] > 0
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-6, abs=1e-6)
+        for key, value in ra["eval"].items():
+            assert rb["eval"][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+    ca, cb = read_rows(local / "clients.jsonl"), read_rows(remote / "clients.jsonl")
+    assert len(ca) == len(cb)
+    for x, y in zip(ca, cb, strict=True):
+        for key in ("round", "client_id", "num_examples", "steps", "upload_bytes", "flops"):
+            assert x[key] == y[key], key
+        assert x["download_bytes"] == y["download_bytes"]
+    pa = torch.load(local / "checkpoint.pt", weights_only=False)["state"]["params"]
+    pb = torch.load(remote / "checkpoint.pt", weights_only=False)["state"]["params"]
+    assert pa.keys() == pb.keys() and pa
+    for name in pa:
+        torch.testing.assert_close(pb[name], pa[name], atol=1e-6, rtol=0)
+
+
 def no_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """Zero every dropout so train-mode outputs are deterministic functions of the weights."""
     for module in model.modules():

@@ -347,16 +347,17 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--executor",
-        choices=("local", "ray"),
-        help="where clients train: in this process (local, default) or on Ray actors "
-        "(run.executor)",
+        choices=("local", "ray", "flower"),
+        help="where clients train: in this process (local, default), on Ray actors (ray) or "
+        "through Flower's simulation runtime (flower) (run.executor)",
     )
     p.add_argument(
         "--workers",
         type=int,
         metavar="N",
-        help="Ray actors, each with its own model (run.workers, default 2; implies --executor "
-        "ray); torch threads per actor: run.threads, or 1",
+        help="Ray (or Flower simulation) actors, each with its own model (run.workers, "
+        "default 2; implies --executor ray unless flower is given); torch threads per actor: "
+        "run.threads, or 1",
     )
     p.add_argument(
         "--ray-address",
@@ -407,7 +408,47 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--inspect", metavar="PATH", help="a local Hugging Face checkpoint folder")
     p.set_defaults(func=cmd_models)
     sub.add_parser("data", help="list the datasets").set_defaults(func=cmd_data)
+
+    p = sub.add_parser(
+        "flower",
+        help="deploy a run through Flower (SuperLink + SuperNodes)",
+        description="`app` writes a Flower App folder for `flwr run` and prints the command "
+        "sequence of a deployment; `local` runs that sequence on 127.0.0.1 (a SuperLink and "
+        "one SuperNode per client, as separate processes), waits for the run and stops them. "
+        "(Flower's simulation runtime: fedfit run --executor flower.)",
+    )
+    p.add_argument("action", choices=("app", "local"))
+    _add_config_args(p)
+    p.add_argument(
+        "--dir",
+        default="flower-app",
+        help="app: the folder to write; local: where the app, logs and FLWR_HOME go",
+    )
+    p.set_defaults(func=cmd_flower)
     return top
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    from fedfit.config import load_config
+    from fedfit.engine.flower import deploy_commands, deploy_local, write_app
+
+    config = load_config(args.config, args.set)
+    if args.action == "app":
+        app_dir = write_app(config, args.dir, overwrite_run=args.overwrite)
+        print(f"wrote {app_dir / 'pyproject.toml'}; a deployment on this machine:")
+        port = 9092
+        node_ports = [9094 + k for k in range(config.data.num_clients)]
+        for command in deploy_commands(app_dir, port, node_ports, "fedfit"):
+            print(f"  {command}")
+        print(
+            f"with the SuperLink connection in $FLWR_HOME/config.toml (default ~/.flwr):\n"
+            f'  [superlink]\n  default = "fedfit"\n  [superlink.fedfit]\n'
+            f'  address = "127.0.0.1:{port}"\n  insecure = true'
+        )
+        return 0
+    run_dir = deploy_local(config, args.dir, overwrite=args.overwrite)
+    _final_line(run_dir)
+    return 0
 
 
 def _quiet_libraries() -> None:

@@ -49,9 +49,14 @@ class RunConfig:
     )
     executor: str = field(
         default="local",
-        metadata={"help": "local (in process) | ray (clients spread over Ray actors)"},
+        metadata={
+            "help": "local (in process) | ray (clients spread over Ray actors) | flower "
+            "(Flower's simulation runtime)"
+        },
     )
-    workers: int = field(default=2, metadata={"help": "Ray actors (executor = ray)"})
+    workers: int = field(
+        default=2, metadata={"help": "Ray actors (executor = ray) or Flower simulation actors"}
+    )
     ray_address: str = field(
         default="",
         metadata={"help": "existing Ray cluster host:port; '' = start a local Ray instance"},
@@ -62,7 +67,7 @@ class RunConfig:
         _check(self.eval_every >= 1, "run.eval_every", "must be >= 1")
         _check(self.threads >= 0, "run.threads", "must be >= 0")
         _check(bool(self.name) and "/" not in self.name, "run.name", "must be a plain folder name")
-        _choice(self.executor, "run.executor", ("local", "ray"))
+        _choice(self.executor, "run.executor", ("local", "ray", "flower"))
         _check(self.workers >= 1, "run.workers", "must be >= 1")
         if self.ray_address:
             _check(self.executor == "ray", "run.ray_address", 'needs run.executor = "ray"')
@@ -111,6 +116,10 @@ class DataConfig:
     )
     alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration"})
     min_examples: int = field(default=10, metadata={"help": "minimum examples per client"})
+    max_examples: int = field(
+        default=0,
+        metadata={"help": "keep at most this many examples per client (seeded); 0 = all"},
+    )
     eval_examples: int = field(
         default=0, metadata={"help": "held-out examples to evaluate on; 0 = all"}
     )
@@ -153,6 +162,7 @@ class DataConfig:
         )
         _check(self.alpha > 0, "data.alpha", "must be > 0")
         _check(self.min_examples >= 1, "data.min_examples", "must be >= 1")
+        _check(self.max_examples >= 0, "data.max_examples", "must be >= 0 (0 = all)")
         _check(self.eval_examples >= 0, "data.eval_examples", "must be >= 0")
         if not self.path:
             defaults = {f.name: f.default for f in dataclasses.fields(self)}

@@ -186,6 +186,68 @@ def in_process(setup: RunSetup, meter: CostMeter) -> ClientRunner:
     return run_clients
 
 
+@dataclass
+class OpenRound:
+    """A round after its server-side start: the sampled clients (in order) and their tasks as
+    the clients receive them, with each download's size in bytes."""
+
+    round: int
+    clients: list[int]
+    sent: list[tuple[ClientTask, int]]
+
+    @property
+    def tasks(self) -> list[ClientTask]:
+        return [task for task, _ in self.sent]
+
+
+def open_round(setup: RunSetup, state: ServerState, round_: int) -> OpenRound:
+    """Server side, before any client trains: sample the round's clients, ``start_round``,
+    then ``configure`` and the download of every client in that order."""
+    cfg = setup.config
+    clients = sample_clients(cfg.run.seed, round_, setup.eligible, cfg.data.clients_per_round)
+    setup.algorithm.start_round(state, clients)
+    setup.channel.start_round()
+    return OpenRound(round_, clients, client_tasks(setup, state, round_, clients))
+
+
+def close_round(
+    setup: RunSetup, state: ServerState, opened: OpenRound, results: list[ClientResult]
+) -> tuple[ServerState, list[dict[str, Any]], dict[str, Any]]:
+    """Server side, after the clients: ``aggregate`` the updates in the round's order; returns
+    the new state, the per-client rows and the round row."""
+    got = [r.update.client_id for r in results]
+    if got != opened.clients:
+        raise RuntimeError(f"round {opened.round}: updates of clients {got}, sent {opened.clients}")
+    updates = [r.update for r in results]
+    client_rows = [
+        {
+            "round": opened.round,
+            "client_id": cid,
+            **result.row,
+            "download_bytes": download_bytes,
+            **_plan_fields(
+                setup.plans[cid], setup.population.budgets[cid], setup.population.tier_names[cid]
+            ),
+        }
+        for cid, result, (_, download_bytes) in zip(
+            opened.clients, results, opened.sent, strict=True
+        )
+    ]
+    new_state = setup.algorithm.aggregate(state, updates)
+    weights = np.array([u.num_examples for u in updates], dtype=float)
+    losses = np.array([u.metrics.get("train_loss", np.nan) for u in updates])
+    round_row = {
+        "round": opened.round,
+        "clients": opened.clients,
+        "num_clients": len(opened.clients),
+        "train_loss": float(np.sum(weights * losses) / weights.sum()),
+        "upload_bytes": sum(r["upload_bytes"] for r in client_rows),
+        "download_bytes": sum(r["download_bytes"] for r in client_rows),
+        "client_flops": sum(r["flops"] for r in client_rows),
+    }
+    return new_state, client_rows, round_row
+
+
 def run_round(
     setup: RunSetup,
     state: ServerState,
@@ -195,44 +257,15 @@ def run_round(
 ) -> tuple[ServerState, list[dict[str, Any]], dict[str, Any]]:
     """One federated round; returns the new state, per-client rows and the round row.
 
-    The server's part runs here: sampling, ``start_round``, ``configure`` and the download of
-    every client (in the round's order), then ``aggregate`` of the updates in that same
-    order. ``run_clients`` runs the clients' part (default: in process, one after another;
-    engine/ray.py spreads them over actors) and returns their results in the tasks' order.
+    The server's part runs here (``open_round``, ``close_round``). ``run_clients`` runs the
+    clients' part (default: in process, one after another; engine/ray.py spreads them over
+    actors) and returns their results in the tasks' order. (engine/flower.py calls the two
+    halves from a Flower Strategy, with the clients behind Flower's messages.)
     """
-    cfg = setup.config
-    clients = sample_clients(cfg.run.seed, round_, setup.eligible, cfg.data.clients_per_round)
-    setup.algorithm.start_round(state, clients)
-    setup.channel.start_round()
-    sent = client_tasks(setup, state, round_, clients)
+    opened = open_round(setup, state, round_)
     runner = run_clients or in_process(setup, meter)
-    results = runner(state, clients, [task for task, _ in sent])
-    updates = [r.update for r in results]
-    client_rows = [
-        {
-            "round": round_,
-            "client_id": cid,
-            **result.row,
-            "download_bytes": download_bytes,
-            **_plan_fields(
-                setup.plans[cid], setup.population.budgets[cid], setup.population.tier_names[cid]
-            ),
-        }
-        for cid, result, (_, download_bytes) in zip(clients, results, sent, strict=True)
-    ]
-    new_state = setup.algorithm.aggregate(state, updates)
-    weights = np.array([u.num_examples for u in updates], dtype=float)
-    losses = np.array([u.metrics.get("train_loss", np.nan) for u in updates])
-    round_row = {
-        "round": round_,
-        "clients": clients,
-        "num_clients": len(clients),
-        "train_loss": float(np.sum(weights * losses) / weights.sum()),
-        "upload_bytes": sum(r["upload_bytes"] for r in client_rows),
-        "download_bytes": sum(r["download_bytes"] for r in client_rows),
-        "client_flops": sum(r["flops"] for r in client_rows),
-    }
-    return new_state, client_rows, round_row
+    results = runner(state, opened.clients, opened.tasks)
+    return close_round(setup, state, opened, results)
 
 
 def _plan_fields(plan: Plan, budget: Budget, tier: str) -> dict[str, Any]:
@@ -327,6 +360,51 @@ def run(
     given (an entered RayPool matching the config, reused across runs), else on a pool
     opened for this run and closed at its end.
     """
+    run_dir = prepare_run_dir(config, resume=resume, overwrite=overwrite)
+
+    with ExitStack() as stack:
+        t_start = time.perf_counter()
+        if config.run.executor == "flower":
+            if pool is not None:
+                raise ValueError('a Ray pool was given but run.executor is "flower"')
+            from fedfit.engine.flower import simulate
+
+            return simulate(
+                config,
+                run_dir,
+                resume=resume,
+                stop_after=stop_after,
+                progress=progress,
+                plots=plots,
+            )
+        if config.run.executor == "ray":
+            from fedfit.engine.ray import RayPool
+
+            if pool is None:
+                # Ray and its actors start (and import torch) while this process builds.
+                pool = stack.enter_context(RayPool.for_config(config))
+            pool.check(config)
+        elif pool is not None:
+            raise ValueError('a Ray pool was given but run.executor is "local"')
+        setup = build(config)
+        state = setup.algorithm.init(setup.model)
+        run_clients = pool.start(setup) if pool is not None else None
+        book = RunLog(run_dir, setup, progress)
+        if resume:
+            state = book.resume()
+        book.add_wall(time.perf_counter() - t_start)
+        meter = CostMeter()
+        last = config.run.rounds if stop_after is None else min(config.run.rounds, stop_after)
+        for round_ in range(state.round + 1, last + 1):
+            t0 = time.perf_counter()
+            state, client_rows, row = run_round(setup, state, round_, meter, run_clients)
+            book.record(state, client_rows, row, time.perf_counter() - t0)
+    return book.finish(plots)
+
+
+def prepare_run_dir(config: Config, *, resume: bool, overwrite: bool) -> Path:
+    """The run folder, checked (resume needs a checkpoint; an existing run needs
+    ``overwrite``, which clears its files) and holding the resolved config.toml."""
     run_dir = Path(config.run.output_dir) / config.run.name
     if resume:
         if not (run_dir / "checkpoint.pt").exists():
@@ -347,73 +425,71 @@ def run(
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(to_toml(config))
-
-    with ExitStack() as stack:
-        t_start = time.perf_counter()
-        if config.run.executor == "ray":
-            from fedfit.engine.ray import RayPool
-
-            if pool is None:
-                # Ray and its actors start (and import torch) while this process builds.
-                pool = stack.enter_context(RayPool.for_config(config))
-            pool.check(config)
-        elif pool is not None:
-            raise ValueError('a Ray pool was given but run.executor is "local"')
-        setup = build(config)
-        state = setup.algorithm.init(setup.model)
-        run_clients = pool.start(setup) if pool is not None else None
-        wall_before = 0.0
-        if resume:
-            state, extra = load_checkpoint(run_dir)
-            wall_before = float(extra.get("wall_s", 0.0))
-            for name in ("rounds.jsonl", "clients.jsonl", "timing.jsonl"):
-                _truncate_jsonl(run_dir / name, state.round)
-            log(f"resuming {run_dir} after round {state.round}")
-        setup_s = time.perf_counter() - t_start
-
-        meter = CostMeter()
-        previous = _read_jsonl(run_dir / "rounds.jsonl")
-        cum = {k: previous[-1][f"cum_{k}"] if previous else 0 for k in CUMULATIVE}
-        last = config.run.rounds if stop_after is None else min(config.run.rounds, stop_after)
-        wall = wall_before + setup_s
-        for round_ in range(state.round + 1, last + 1):
-            t0 = time.perf_counter()
-            state, client_rows, row = run_round(setup, state, round_, meter, run_clients)
-            train_s = time.perf_counter() - t0
-            eval_s = 0.0
-            if round_ % config.run.eval_every == 0 or round_ == config.run.rounds:
-                t1 = time.perf_counter()
-                load_tensors_(setup.model, state.params)
-                row["eval"] = evaluate(setup.model, setup.test, config.train.eval_batch_size)
-                eval_s = time.perf_counter() - t1
-            wall += train_s + eval_s
-            for k in CUMULATIVE:
-                cum[k] += row[k]
-                row[f"cum_{k}"] = cum[k]
-            for c in client_rows:
-                _append(run_dir / "clients.jsonl", c)
-            _append(run_dir / "rounds.jsonl", row)
-            _append(
-                run_dir / "timing.jsonl",
-                {
-                    "round": round_,
-                    "train_s": round(train_s, 3),
-                    "eval_s": round(eval_s, 3),
-                    "wall_s": round(wall, 3),
-                },
-            )
-            save_checkpoint(run_dir, state, {"wall_s": wall})
-            if progress:
-                progress(round_, config.run.rounds, row.get("eval"))
-
-    rounds = _read_jsonl(run_dir / "rounds.jsonl")
-    summary = _summary(setup, rounds, _read_jsonl(run_dir / "clients.jsonl"), wall)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if plots and rounds:
-        from fedfit.report import load_run, write_plots
-
-        write_plots(load_run(run_dir))
     return run_dir
+
+
+class RunLog:
+    """A run folder's bookkeeping, the same whichever executor runs the clients: after each
+    round ``record`` evaluates the global model when due, appends the round's rows, writes
+    the checkpoint and reports progress; ``finish`` writes summary.json and the plots."""
+
+    def __init__(self, run_dir: Path, setup: RunSetup, progress: ProgressFn | None = None):
+        self.run_dir, self.setup, self.progress = run_dir, setup, progress
+        self.wall = 0.0
+        self.cum = dict.fromkeys(CUMULATIVE, 0)
+
+    def resume(self) -> ServerState:
+        """The checkpoint's state; rows of later rounds are dropped, totals carried on."""
+        state, extra = load_checkpoint(self.run_dir)
+        self.wall = float(extra.get("wall_s", 0.0))
+        for name in ("rounds.jsonl", "clients.jsonl", "timing.jsonl"):
+            _truncate_jsonl(self.run_dir / name, state.round)
+        previous = _read_jsonl(self.run_dir / "rounds.jsonl")
+        if previous:
+            self.cum = {k: previous[-1][f"cum_{k}"] for k in CUMULATIVE}
+        log(f"resuming {self.run_dir} after round {state.round}")
+        return state
+
+    def add_wall(self, seconds: float) -> None:
+        self.wall += seconds
+
+    def record(
+        self,
+        state: ServerState,
+        client_rows: list[dict[str, Any]],
+        row: dict[str, Any],
+        train_s: float,
+    ) -> None:
+        config, setup, round_ = self.setup.config, self.setup, row["round"]
+        eval_s = 0.0
+        if round_ % config.run.eval_every == 0 or round_ == config.run.rounds:
+            t1 = time.perf_counter()
+            load_tensors_(setup.model, state.params)
+            row["eval"] = evaluate(setup.model, setup.test, config.train.eval_batch_size)
+            eval_s = time.perf_counter() - t1
+        self.wall += train_s + eval_s
+        for k in CUMULATIVE:
+            self.cum[k] += row[k]
+            row[f"cum_{k}"] = self.cum[k]
+        for c in client_rows:
+            _append(self.run_dir / "clients.jsonl", c)
+        _append(self.run_dir / "rounds.jsonl", row)
+        timing = {"round": round_, "train_s": round(train_s, 3), "eval_s": round(eval_s, 3)}
+        _append(self.run_dir / "timing.jsonl", {**timing, "wall_s": round(self.wall, 3)})
+        save_checkpoint(self.run_dir, state, {"wall_s": self.wall})
+        if self.progress:
+            self.progress(round_, config.run.rounds, row.get("eval"))
+
+    def finish(self, plots: bool = True) -> Path:
+        rounds = _read_jsonl(self.run_dir / "rounds.jsonl")
+        clients = _read_jsonl(self.run_dir / "clients.jsonl")
+        summary = _summary(self.setup, rounds, clients, self.wall)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if plots and rounds:
+            from fedfit.report import load_run, write_plots
+
+            write_plots(load_run(self.run_dir))
+        return self.run_dir
 
 
 def resume_run(

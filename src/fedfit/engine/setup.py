@@ -52,8 +52,9 @@ def log(message: str) -> None:
 
 
 def partition_clients(config: Config, dataset: TextDataset) -> list[np.ndarray]:
-    """The run's client shards (train-set indices) as configured in [data]."""
-    return partition(
+    """The run's client shards (train-set indices) as configured in [data]; with
+    ``data.max_examples`` each larger shard keeps a seeded random subset of that size."""
+    parts = partition(
         None if dataset.task == "lm" else dataset.train_labels,
         dataset.train_groups,
         config.data.num_clients,
@@ -63,6 +64,15 @@ def partition_clients(config: Config, dataset: TextDataset) -> list[np.ndarray]:
         seed=config.run.seed,
         num_examples=len(dataset.train_texts),
     )
+    cap = config.data.max_examples
+    if not cap:
+        return parts
+    return [
+        part
+        if len(part) <= cap
+        else np.sort(np.random.default_rng([config.run.seed, cid]).choice(part, cap, replace=False))
+        for cid, part in enumerate(parts)
+    ]
 
 
 def build(config: Config) -> RunSetup:

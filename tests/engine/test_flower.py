@@ -1,0 +1,161 @@
+"""The Flower executor against the local one: the wire records, Flower's simulation runtime
+and a real deployment (a SuperLink and two SuperNodes as separate processes on 127.0.0.1).
+
+Costs (2 cores): the simulation test about 45 s (Ray and two actors start, each builds its
+setup once); the deployment test about 80 s: Flower 1.41 runs every message in a fresh
+``flwr-clientapp`` process, so each of the 2 x 2 client rounds imports torch and fedfit and
+loads the tiny model (about 10 s of CPU each), besides the SuperLink, the SuperNodes and the
+ServerApp process.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from fedfit.algorithms.base import ClientTask, Update
+from fedfit.config import ConfigError
+from fedfit.engine.flower import (
+    ClientResult,
+    deploy_local,
+    result_content,
+    result_from_content,
+    task_content,
+    task_from_content,
+    write_app,
+)
+from fedfit.engine.local import run
+from tests.helpers import TINY_RUN, assert_same_as_local, read_rows, tiny_run_config
+
+# Two clients (one per SuperNode), both in every round, two rounds.
+TINY = [
+    *TINY_RUN,
+    "data.num_clients=2",
+    "data.clients_per_round=2",
+    "run.rounds=2",
+    "run.threads=1",
+]
+
+
+def tiny(tmp_path: Path, *extra: str):
+    return tiny_run_config(tmp_path, *extra, base=TINY)
+
+
+def test_task_and_result_cross_the_wire_unchanged() -> None:
+    download = {
+        "w": torch.randn(3, 4),
+        "seeds": torch.tensor([3, 5, 2**40], dtype=torch.int64),
+        "scalar": torch.tensor(0.25),
+    }
+    start = {"a": torch.randn(2), "b": torch.arange(6, dtype=torch.int32).reshape(2, 3)}
+    task = ClientTask(7, 3, 123456789, download, {"blocks": [0, 2], "depth": 4, "start": start})
+    got, clients, fingerprint = task_from_content(task_content(task, [1, 7, 9], "abc"))
+    assert (got.client_id, got.round, got.seed) == (7, 3, 123456789)
+    assert (clients, fingerprint) == ([1, 7, 9], "abc")
+    assert got.config["blocks"] == [0, 2] and got.config["depth"] == 4
+    for sent, received in ((download, got.download), (start, got.config["start"])):
+        assert list(received) == list(sent)  # names and order
+        for name, tensor in sent.items():
+            assert received[name].dtype == tensor.dtype
+            assert torch.equal(received[name], tensor)
+
+    update = Update(7, {"lora_A": torch.randn(8, 5)}, 64, {"train_loss": 1.5, "steps": 4})
+    row = {"flops": 123, "memory": {"peak_bytes": 10}, "train_loss": 1.5, "wall_s": 0.1}
+    back = result_from_content(result_content(ClientResult(update, row)))
+    assert back.row == row
+    assert (back.update.client_id, back.update.num_examples) == (7, 64)
+    assert back.update.metrics == update.metrics
+    assert torch.equal(back.update.payload["lora_A"], update.payload["lora_A"])
+
+
+def test_a_task_config_that_cannot_travel_is_named() -> None:
+    task = ClientTask(1, 1, 0, {"w": torch.zeros(1)}, {"odd": object()})
+    with pytest.raises(TypeError, match=r"\['odd'\] of client 1"):
+        task_content(task, [1], "x")
+
+
+def test_flower_executor_refuses_resume(tmp_path: Path) -> None:
+    config = tiny(tmp_path, "run.executor=flower")
+    with pytest.raises(ConfigError, match="whole run"):
+        run(config, stop_after=1)
+
+
+def test_write_app_names_fedfit_components(tmp_path: Path) -> None:
+    import tomllib
+
+    from fedfit.engine.flower import config_from_text
+
+    config = tiny(tmp_path, "run.output_dir=rel/runs")
+    app = tomllib.loads((write_app(config, tmp_path / "app") / "pyproject.toml").read_text())
+    flwr = app["tool"]["flwr"]["app"]
+    assert flwr["components"] == {
+        "serverapp": "fedfit.engine.flower_app:serverapp",
+        "clientapp": "fedfit.engine.flower_app:clientapp",
+    }
+    carried = config_from_text(flwr["config"]["fedfit-config"])
+    assert Path(carried.run.output_dir).is_absolute()  # the SuperLink's cwd is not ours
+    assert carried.train == config.train and carried.method == config.method
+
+
+def test_flower_simulation_equals_the_local_executor(tmp_path: Path) -> None:
+    local = run(tiny(tmp_path, "run.name=local"), plots=False)
+    simulated = run(
+        tiny(tmp_path, "run.name=sim", "run.executor=flower", "run.workers=2"), plots=False
+    )
+    assert_same_as_local(local, simulated, rounds=2)
+    clients = read_rows(simulated / "clients.jsonl")
+    # Both virtual nodes trained, in long-lived actors: each process served both rounds.
+    assert len({c["node_id"] for c in clients}) == 2
+    pids = {c["pid"] for c in clients}
+    assert 1 <= len(pids) <= 2 and os.getpid() not in pids
+
+
+def _ours(home: Path) -> list[psutil.Process]:
+    """Live processes started with FLWR_HOME = ``home`` (SuperLink, SuperNodes, their
+    SuperExecs and app processes)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("FLWR_HOME") == str(home):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def test_flower_deployment_equals_the_local_executor(tmp_path: Path) -> None:
+    """Acceptance: a SuperLink and two SuperNodes on 127.0.0.1, 2 rounds of LoRA over Flower's
+    network transport, the final global model equal to the local executor's."""
+    work = tmp_path / "deploy"
+    try:
+        deployed = deploy_local(tiny(tmp_path, "run.name=deployed"), work)
+    finally:
+        left = _ours(work.resolve() / "flwr-home")
+        assert not left, f"processes left running: {[p.cmdline() for p in left]}"
+    local = run(tiny(tmp_path, "run.name=local"), plots=False)
+    assert_same_as_local(local, deployed, rounds=2)
+    clients = read_rows(deployed / "clients.jsonl")
+    # Each SuperNode trained its own client (partition-id) in both rounds.
+    by_client = {
+        c["client_id"]: {r["node_id"] for r in clients if r["client_id"] == c["client_id"]}
+        for c in clients
+    }
+    assert sorted(by_client) == [0, 1]
+    assert all(len(nodes) == 1 for nodes in by_client.values())
+    assert by_client[0] != by_client[1]
+    # Flower 1.41 runs every message in a fresh process: four client rounds, four processes.
+    assert len({c["pid"] for c in clients}) == 4
+    assert "Successfully started run" in (work / "flwr-run.log").read_text()
+
+
+def test_a_failed_deployment_stops_every_process(tmp_path: Path) -> None:
+    work = tmp_path / "deploy"
+    with pytest.raises(RuntimeError, match="did not finish in 1 s"):
+        deploy_local(tiny(tmp_path, "run.name=cut"), work, timeout_s=1.0)
+    assert (work / "superlink.log").exists() and (work / "supernode-1.log").exists()
+    left = _ours(work.resolve() / "flwr-home")
+    assert not left, f"processes left running: {[p.cmdline() for p in left]}"
