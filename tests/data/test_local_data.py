@@ -371,3 +371,24 @@ def test_too_few_rows_for_the_clients(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "d.csv", ["text", "label"], TRAIN * 5)
     with pytest.raises(DataError, match=r"18 training rows cannot give data.num_clients = 4"):
         load_local(config(path, num_clients=4, min_examples=5), seed=0)
+
+
+def test_max_examples_keeps_a_seeded_subset_of_each_client(tmp_path: Path) -> None:
+    from fedfit.config import load_config
+    from fedfit.engine.setup import partition_clients
+
+    rows = [[f"text {i}", ["a", "b"][i % 2]] for i in range(300)]
+    path = write_csv(tmp_path / "d.csv", ["text", "label"], rows)
+    base = [f"data.path={path}", "data.num_clients=4", "data.clients_per_round=2"]
+    base += ["data.partition=iid", "data.min_examples=1"]
+    full = partition_clients(load_config(None, base), load_configured(config(path), 0))
+    capped_config = load_config(None, [*base, "data.max_examples=20"])
+    capped = partition_clients(capped_config, load_configured(config(path), 0))
+    again = partition_clients(capped_config, load_configured(config(path), 0))
+    assert [len(p) for p in full] == [68, 68, 67, 67]  # 270 training rows (10% held out)
+    assert [len(p) for p in capped] == [20] * 4
+    for whole, part, same in zip(full, capped, again, strict=True):
+        assert set(part) <= set(whole) and list(part) == sorted(part)
+        assert list(part) == list(same)  # seeded
+    with pytest.raises(ConfigError, match="data.max_examples"):
+        load_config(None, [*base, "data.max_examples=-1"])
