@@ -53,7 +53,10 @@ def test_task_and_result_cross_the_wire_unchanged() -> None:
     }
     start = {"a": torch.randn(2), "b": torch.arange(6, dtype=torch.int32).reshape(2, 3)}
     task = ClientTask(7, 3, 123456789, download, {"blocks": [0, 2], "depth": 4, "start": start})
-    got, clients, fingerprint = task_from_content(task_content(task, [1, 7, 9], "abc"))
+    assigned = {"tier": "phone", "budget": {"memory_bytes": 2**30}, "predicted": {"flops": 5}}
+    sent_content = task_content(task, [1, 7, 9], "abc", assigned)
+    got, clients, fingerprint = task_from_content(sent_content)
+    assert got.config.pop("assigned") == assigned  # the device learns its budget and plan
     assert (got.client_id, got.round, got.seed) == (7, 3, 123456789)
     assert (clients, fingerprint) == ([1, 7, 9], "abc")
     assert got.config["blocks"] == [0, 2] and got.config["depth"] == 4

@@ -92,6 +92,7 @@ from fedfit.engine.local import (  # noqa: E402
     RunLog,
     close_round,
     open_round,
+    plan_fields,
     prepare_run_dir,
     run_client,
 )
@@ -149,8 +150,15 @@ def _tensor_map(value: Any) -> bool:
     )
 
 
-def task_content(task: ClientTask, clients: list[int], fingerprint: str) -> RecordDict:
-    """A client's task as a Message's content (see the module docstring)."""
+def task_content(
+    task: ClientTask,
+    clients: list[int],
+    fingerprint: str,
+    assigned: Mapping[str, Any] | None = None,
+) -> RecordDict:
+    """A client's task as a Message's content (see the module docstring). ``assigned``: what
+    the server's planner gave this device (tier, what it trains, its budget, the predicted
+    cost), carried so that the device knows its budget."""
     tensors = {k: v for k, v in task.config.items() if _tensor_map(v)}
     plain = {k: v for k, v in task.config.items() if k not in tensors}
     try:
@@ -167,6 +175,7 @@ def task_content(task: ClientTask, clients: list[int], fingerprint: str) -> Reco
         "clients": clients,
         "tensor_config": sorted(tensors),
         "fingerprint": fingerprint,
+        "assigned": dict(assigned or {}),
     }
     content = RecordDict(
         {
@@ -180,12 +189,15 @@ def task_content(task: ClientTask, clients: list[int], fingerprint: str) -> Reco
 
 
 def task_from_content(content: RecordDict) -> tuple[ClientTask, list[int], str]:
-    """(task, the round's clients, the server model's fingerprint) from ``task_content``."""
+    """(task, the round's clients, the server model's fingerprint) from ``task_content``;
+    the planner's assignment is ``task.config["assigned"]`` when the server sent one."""
     record = content.config_records["task"]
     meta = json.loads(str(record["meta"]))
     config = json.loads(str(record["config"]))
     for key in meta["tensor_config"]:
         config[key] = from_arrays(content.array_records[f"config.{key}"])
+    if meta.get("assigned"):
+        config["assigned"] = meta["assigned"]
     task = ClientTask(
         int(meta["client_id"]),
         int(meta["round"]),
@@ -353,7 +365,7 @@ class FedfitStrategy(Strategy):
         opened = self.opened = open_round(self.setup, self.state, server_round)
         return [
             Message(
-                task_content(task, opened.clients, self.fingerprint),
+                task_content(task, opened.clients, self.fingerprint, self.assigned(task.client_id)),
                 dst_node_id=self.nodes[task.client_id],
                 message_type=MessageType.TRAIN,
                 group_id=str(server_round),
@@ -395,6 +407,15 @@ class FedfitStrategy(Strategy):
             }
         )
         return to_arrays(self.state.params), metrics
+
+    def assigned(self, client_id: int) -> dict[str, Any]:
+        """The planner's assignment of a client: tier, trained part, budget, prediction."""
+        population = self.setup.population
+        return plan_fields(
+            self.setup.plans[client_id],
+            population.budgets[client_id],
+            population.tier_names[client_id],
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -225,7 +225,7 @@ def close_round(
             "client_id": cid,
             **result.row,
             "download_bytes": download_bytes,
-            **_plan_fields(
+            **plan_fields(
                 setup.plans[cid], setup.population.budgets[cid], setup.population.tier_names[cid]
             ),
         }
@@ -268,7 +268,7 @@ def run_round(
     return close_round(setup, state, opened, results)
 
 
-def _plan_fields(plan: Plan, budget: Budget, tier: str) -> dict[str, Any]:
+def plan_fields(plan: Plan, budget: Budget, tier: str) -> dict[str, Any]:
     """What the client was assigned, its budget and the predicted cost, beside the measured."""
     fields: dict[str, Any] = {"tier": tier, "trained": plan.describe() if plan.spec else None}
     if not budget.unlimited:
