@@ -57,6 +57,8 @@ import psutil
 # Workers import torch / fedfit lazily: the floor's start-up should pay for what it uses only.
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+# common.DEFAULT_TOML, without importing common (matplotlib, the engine) in the lean workers.
+DEFAULT_TOML = ROOT / "examples" / "default.toml"
 
 FULL = {"rounds": 3, "clients_per_round": 4, "eval_examples": 300, "scales": "1,10"}
 QUICK = {"rounds": 1, "clients_per_round": 2, "eval_examples": 64, "scales": "1"}
@@ -105,7 +107,7 @@ def load_workload(sets: list[str]) -> Any:
     """The fedfit Config the engines run (examples/default.toml + ``sets``)."""
     from fedfit.config import load_config
 
-    return load_config(ROOT / "examples" / "default.toml", sets)
+    return load_config(DEFAULT_TOML, sets)
 
 
 # ---------------------------------------------------------------- workers (subprocesses)
@@ -499,7 +501,7 @@ def fedfit_cmd(engine: str, sets: list[str], workers: int) -> list[str]:
     exe = Path(sys.executable).with_name("fedfit")
     if not exe.exists():
         raise FileNotFoundError(f"{exe}: fedfit's CLI is not installed in this environment")
-    cmd = [str(exe), "run", str(ROOT / "examples" / "default.toml")]
+    cmd = [str(exe), "run", str(DEFAULT_TOML)]
     for s in sets:
         cmd += ["--set", s]
     if engine != "local":
@@ -745,6 +747,14 @@ def _g(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x / 1e9:.{digits}f}"
 
 
+def _md_table(header: str, rows: list[list[Any]]) -> list[str]:
+    """A markdown table (``header``: column names joined by " | "), then a blank line."""
+    width = len(header.split(" | "))
+    lines = [f"| {header} |", "|" + "---|" * width]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
 def markdown(result: dict[str, Any]) -> str:
     a, rows, m = result["args"], result["rows"], result["machine"]
     peak = result.get("matmul_peak_flops")
@@ -806,57 +816,69 @@ def markdown(result: dict[str, Any]) -> str:
                     "per process: each Ray/Flower actor has its own meter)"
                 )
             out += [line + ".", ""]
-        out += [
-            "| engine | end to end | round loop | eval | outside | peak RSS (tree) | largest "
+        header = (
+            "engine | end to end | round loop | eval | outside | peak RSS (tree) | largest "
             "process | procs | GFLOP/s loop | GFLOP/s e2e | loop / peak | executed GFLOP/s loop "
-            "| accuracy | max abs diff vs ref | max abs update |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
+            "| accuracy | max abs diff vs ref | max abs update"
+        )
+        cells = []
         for r in at:
             frac = r.get("peak_fraction_loop")
             diff = f"{r['max_abs_diff']:.2e} ({r['params_vs']})" if "max_abs_diff" in r else "-"
             update = f"{r['max_abs_update']:.2e}" if "max_abs_update" in r else "-"
-            out.append(
-                f"| {r['engine']} | {r['wall_s']:.1f} s | {r['train_s']:.1f} s | "
-                f"{r['eval_s']:.1f} s | {r['outside_loop_s']:.1f} s | "
-                f"{_mib(r.get('peak_rss_sum_bytes'))} | {_mib(r.get('peak_rss_single_bytes'))} | "
-                f"{r.get('processes_max', '-')} | {_g(r.get('achieved_flops_loop'))} | "
-                f"{_g(r.get('achieved_flops_e2e'))} | "
-                f"{'-' if frac is None else f'{frac:.2f}'} | {_g(r.get('executed_flops_loop'))} | "
-                f"{r['accuracy']:.4f} | {diff} | "
-                f"{update} |"
+            cells.append(
+                [
+                    r["engine"],
+                    f"{r['wall_s']:.1f} s",
+                    f"{r['train_s']:.1f} s",
+                    f"{r['eval_s']:.1f} s",
+                    f"{r['outside_loop_s']:.1f} s",
+                    _mib(r.get("peak_rss_sum_bytes")),
+                    _mib(r.get("peak_rss_single_bytes")),
+                    r.get("processes_max", "-"),
+                    _g(r.get("achieved_flops_loop")),
+                    _g(r.get("achieved_flops_e2e")),
+                    "-" if frac is None else f"{frac:.2f}",
+                    _g(r.get("executed_flops_loop")),
+                    f"{r['accuracy']:.4f}",
+                    diff,
+                    update,
+                ]
             )
-        out.append("")
+        out += _md_table(header, cells)
     if result.get("ratios"):
-        out += [
-            "## Ratios",
-            "",
-            "| ratio | of | rounds | value | goal | met |",
-            "|---|---|---|---|---|---|",
+        out += ["## Ratios", ""]
+        cells = [
+            [
+                q["ratio"],
+                q["of"],
+                q["rounds"],
+                f"{q['value']:.2f}",
+                q["goal"] or "-",
+                "-" if q["met"] is None else ("yes" if q["met"] else "**no**"),
+            ]
+            for q in result["ratios"]
         ]
-        for q in result["ratios"]:
-            met = "-" if q["met"] is None else ("yes" if q["met"] else "**no**")
-            out.append(
-                f"| {q['ratio']} | {q['of']} | {q['rounds']} | {q['value']:.2f} | "
-                f"{q['goal'] or '-'} | {met} |"
-            )
-        out.append("")
+        out += _md_table("ratio | of | rounds | value | goal | met", cells)
     if result.get("growth"):
-        out += [
-            "## Cost per round and fixed cost (line through the scales)",
-            "",
-            "| engine | end to end / round | fixed (end to end at 0 rounds) | round loop / "
-            "round | loop at 0 rounds | peak RSS / round | peak RSS at 0 rounds |",
-            "|---|---|---|---|---|---|---|",
+        out += ["## Cost per round and fixed cost (line through the scales)", ""]
+        cells = [
+            [
+                g["engine"],
+                f"{g['wall_s_per_round']:.2f} s",
+                f"{g['wall_s_fixed']:.1f} s",
+                f"{g['train_s_per_round']:.2f} s",
+                f"{g['train_s_fixed']:.1f} s",
+                _mib(g.get("peak_rss_sum_bytes_per_round")),
+                _mib(g.get("peak_rss_sum_bytes_fixed")),
+            ]
+            for g in result["growth"]
         ]
-        for g in result["growth"]:
-            out.append(
-                f"| {g['engine']} | {g['wall_s_per_round']:.2f} s | {g['wall_s_fixed']:.1f} s | "
-                f"{g['train_s_per_round']:.2f} s | {g['train_s_fixed']:.1f} s | "
-                f"{_mib(g.get('peak_rss_sum_bytes_per_round'))} | "
-                f"{_mib(g.get('peak_rss_sum_bytes_fixed'))} |"
-            )
-        out.append("")
+        header = (
+            "engine | end to end / round | fixed (end to end at 0 rounds) | round loop / round "
+            "| loop at 0 rounds | peak RSS / round | peak RSS at 0 rounds"
+        )
+        out += _md_table(header, cells)
     return "\n".join(out) + "\n"
 
 

@@ -478,3 +478,8 @@ def to_toml(config: Config) -> str:
         lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
         lines.append("")
     return "\n".join(lines)
+
+
+def from_toml(text: str) -> Config:
+    """The Config of TOML text (inverse of ``to_toml``), e.g. one carried in a message."""
+    return from_dict(tomllib.loads(text))

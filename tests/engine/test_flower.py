@@ -90,7 +90,7 @@ def test_flower_executor_refuses_resume(tmp_path: Path) -> None:
 def test_write_app_names_fedfit_components(tmp_path: Path) -> None:
     import tomllib
 
-    from fedfit.engine.flower import config_from_text
+    from fedfit.config import from_toml
 
     config = tiny(tmp_path, "run.output_dir=rel/runs")
     app = tomllib.loads((write_app(config, tmp_path / "app") / "pyproject.toml").read_text())
@@ -99,7 +99,7 @@ def test_write_app_names_fedfit_components(tmp_path: Path) -> None:
         "serverapp": "fedfit.engine.flower_app:serverapp",
         "clientapp": "fedfit.engine.flower_app:clientapp",
     }
-    carried = config_from_text(flwr["config"]["fedfit-config"])
+    carried = from_toml(flwr["config"]["fedfit-config"])
     assert Path(carried.run.output_dir).is_absolute()  # the SuperLink's cwd is not ours
     assert carried.train == config.train and carried.method == config.method
 

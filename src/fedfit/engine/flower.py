@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import shlex
@@ -66,9 +65,8 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +74,22 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # read when flwr is import
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from flwr.app import (  # noqa: E402
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.serverapp.strategy import Strategy  # noqa: E402
 
-from fedfit.algorithms.base import ClientContext, ClientTask, ServerState, Update  # noqa: E402
-from fedfit.config import Config, ConfigError, from_dict, to_toml  # noqa: E402
+from fedfit.algorithms.base import ClientTask, ServerState, Update  # noqa: E402
+from fedfit.config import Config, ConfigError, from_toml, to_toml  # noqa: E402
 from fedfit.engine.flower_app import (  # noqa: E402
     CONFIG_KEY,
     answer_query,
@@ -87,6 +98,7 @@ from fedfit.engine.flower_app import (  # noqa: E402
 )
 from fedfit.engine.local import (  # noqa: E402
     ClientResult,
+    ClientSide,
     OpenRound,
     ProgressFn,
     RunLog,
@@ -94,33 +106,13 @@ from fedfit.engine.local import (  # noqa: E402
     open_round,
     plan_fields,
     prepare_run_dir,
-    run_client,
+    worker_threads,
 )
-from fedfit.engine.meter import CostMeter  # noqa: E402
-from fedfit.engine.ray import import_ray, model_fingerprint, worker_threads  # noqa: E402
-from fedfit.engine.setup import RunSetup, build, log  # noqa: E402
+from fedfit.engine.ray import import_ray  # noqa: E402
+from fedfit.engine.setup import RunSetup, build, log, model_fingerprint  # noqa: E402
 
-INSTALL = 'pip install "flwr[simulation]"'
 NODE_WAIT_S = 120.0  # how long the ServerApp waits for the nodes of every client
 REPLY_TIMEOUT_S = 3600.0  # per round
-
-
-try:
-    from flwr.app import (
-        Array,
-        ArrayRecord,
-        ConfigRecord,
-        Context,
-        Message,
-        MessageType,
-        MetricRecord,
-        RecordDict,
-    )
-    from flwr.clientapp import ClientApp
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.serverapp.strategy import Strategy
-except ImportError as err:  # pragma: no cover - flwr is a dependency
-    raise ConfigError(f'run.executor: "flower" needs Flower: {INSTALL}') from err
 
 
 # ------------------------------------------------------------------ the wire: records
@@ -245,38 +237,16 @@ def result_from_content(content: RecordDict) -> ClientResult:
 # ------------------------------------------------------------------ client side
 
 
-def config_from_text(text: str) -> Config:
-    return from_dict(tomllib.loads(text))
+_NODE: dict[str, ClientSide] = {}  # config hash -> this process's client side (one run)
 
 
-@dataclass
-class NodeClient:
-    """One node's fedfit client side for one run: built once per process."""
-
-    setup: RunSetup
-    ctx: ClientContext
-    meter: CostMeter
-    fingerprint: str
-
-
-_NODE: dict[str, NodeClient] = {}  # config hash -> this process's client side (one run)
-
-
-def node_client(config_text: str) -> NodeClient:
+def node_client(config_text: str) -> ClientSide:
     """This process's client side for the run ``config_text`` describes (built on first use:
     data, partition, model; the previous run's is dropped)."""
     key = hashlib.sha256(config_text.encode()).hexdigest()
     if key not in _NODE:
         _NODE.clear()
-        config = config_from_text(config_text)
-        torch.set_num_threads(worker_threads(config))
-        # build() logs client exclusions that the server already logs once.
-        with contextlib.redirect_stderr(io.StringIO()):
-            setup = build(config)
-        torch.set_num_threads(worker_threads(config))
-        meter = CostMeter()
-        ctx = ClientContext(train=config.train, meter=meter)
-        _NODE[key] = NodeClient(setup, ctx, meter, model_fingerprint(setup.model))
+        _NODE[key] = ClientSide.build(from_toml(config_text))
     return _NODE[key]
 
 
@@ -296,18 +266,8 @@ def train_client(message: Message, context: Context, config_text: str) -> Messag
             f"{node.fingerprint[:12]} vs {fingerprint[:12]}): another fedfit version, model "
             "file or seed; the client would train another model"
         )
-    setup = node.setup
-    setup.algorithm.start_round(ServerState(task.round - 1, {}), clients)
-    setup.channel.start_round()
-    result = run_client(
-        setup.algorithm,
-        setup.model,
-        task,
-        setup.shards[task.client_id],
-        setup.channel,
-        node.ctx,
-        node.meter,
-    )
+    # The client side needs the round's client list, not the server's tensors.
+    (result,) = node.run(ServerState(task.round - 1, {}), clients, [task])
     result.row["node_id"] = int(context.node_id)
     result.row["pid"] = os.getpid()
     return Message(result_content(result), reply_to=message)
@@ -503,7 +463,7 @@ def server_app(
 def serve_deployment(grid: Grid, context: Context) -> None:
     """The deployed ServerApp (flower_app.serverapp): the run config's fedfit config, into
     the run folder it names (absolute, written by ``write_app``)."""
-    config = config_from_text(run_config_text(context))
+    config = from_toml(run_config_text(context))
     overwrite = bool(context.run_config.get("overwrite", False))
     server_main(grid, config, prepare_run_dir(config, resume=False, overwrite=overwrite))
 

@@ -21,6 +21,8 @@ checkpoint of round r and running r+1.. gives the same rounds as an uninterrupte
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import time
@@ -46,7 +48,15 @@ from fedfit.config import Config, load_config, to_toml
 from fedfit.devices import Budget
 from fedfit.engine.channel import Channel
 from fedfit.engine.meter import CostMeter
-from fedfit.engine.setup import RunSetup, build, derive_seed, evaluate, log, majority_baseline
+from fedfit.engine.setup import (
+    RunSetup,
+    build,
+    derive_seed,
+    evaluate,
+    log,
+    majority_baseline,
+    model_fingerprint,
+)
 from fedfit.planning import Plan
 
 if TYPE_CHECKING:
@@ -172,6 +182,46 @@ def run_tasks(
         )
         for task in tasks
     ]
+
+
+def worker_threads(config: Config) -> int:
+    """Torch threads of a process that runs clients beside others (a Ray actor, a Flower
+    node): ``run.threads``, or 1 when it is 0 (torch's default, all cores, would
+    oversubscribe)."""
+    return config.run.threads or 1
+
+
+@dataclass
+class ClientSide:
+    """The client side of a run in a process of its own (a Ray actor, a Flower node): its own
+    RunSetup built from the run's config (model loaded once, shards, the algorithm prepared
+    under the run seed), a meter, and the model's fingerprint for the server to compare."""
+
+    setup: RunSetup
+    ctx: ClientContext
+    meter: CostMeter
+    fingerprint: str
+
+    @classmethod
+    def build(cls, config: Config) -> ClientSide:
+        threads = worker_threads(config)
+        torch.set_num_threads(threads)
+        # build() logs client exclusions that the server already logs once.
+        with contextlib.redirect_stderr(io.StringIO()):
+            setup = build(config)
+        torch.set_num_threads(threads)
+        meter = CostMeter()
+        ctx = ClientContext(train=config.train, meter=meter)
+        return cls(setup, ctx, meter, model_fingerprint(setup.model))
+
+    def run(
+        self, state: ServerState, clients: list[int], tasks: list[ClientTask]
+    ) -> list[ClientResult]:
+        """``tasks`` (some of the round ``clients``' tasks), one after another: the
+        algorithm is told the whole round first (Spry and partial training assign shares)."""
+        self.setup.algorithm.start_round(state, clients)
+        self.setup.channel.start_round()
+        return run_tasks(self.setup, tasks, self.ctx, self.meter)
 
 
 def in_process(setup: RunSetup, meter: CostMeter) -> ClientRunner:

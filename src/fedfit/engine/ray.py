@@ -43,8 +43,6 @@ error within seconds, never a hang.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import ipaddress
 import logging
 import os
@@ -57,11 +55,10 @@ from typing import Any
 
 import torch
 
-from fedfit.algorithms.base import ClientContext, ClientTask, ServerState
+from fedfit.algorithms.base import ClientTask, ServerState
 from fedfit.config import Config, ConfigError
-from fedfit.engine.local import ClientResult, ClientRunner, run_tasks
-from fedfit.engine.meter import CostMeter
-from fedfit.engine.setup import RunSetup, build, log
+from fedfit.engine.local import ClientResult, ClientRunner, ClientSide, worker_threads
+from fedfit.engine.setup import RunSetup, log, model_fingerprint
 
 INSTALL = 'pip install "ray[default]"'
 # What a worker on an existing cluster must see as this process does (a local instance
@@ -90,21 +87,6 @@ def split(count: int, parts: int) -> list[tuple[int, int]]:
             bounds.append((start, stop))
         start = stop
     return bounds
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of every tensor of the model (names, dtypes, shapes and values)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().reshape(-1).contiguous().cpu()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
-def worker_threads(config: Config) -> int:
-    """Torch threads (and Ray CPUs) per actor: ``run.threads``, or 1 when it is 0."""
-    return config.run.threads or 1
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -159,30 +141,22 @@ def import_ray(loopback: bool) -> ModuleType:
 
 
 class ClientWorker:
-    """A Ray actor: one RunSetup (one model) for the run; runs clients one after another."""
+    """A Ray actor: one ``ClientSide`` (one model) for the run; runs clients one after
+    another."""
 
     def __init__(self, threads: int) -> None:
-        self.threads = threads
-        torch.set_num_threads(threads)
-        self.setup: RunSetup | None = None
+        torch.set_num_threads(threads)  # before the actor imports and builds anything
+        self.side: ClientSide | None = None
 
     def prepare(self, config: Config) -> str:
-        """Build this actor's RunSetup once; returns its model's fingerprint."""
-        # build() logs client exclusions that the driver already logs once.
-        with contextlib.redirect_stderr(io.StringIO()):
-            self.setup = build(config)
-        torch.set_num_threads(self.threads)
-        self.meter = CostMeter()
-        self.ctx = ClientContext(train=config.train, meter=self.meter)
-        return model_fingerprint(self.setup.model)
+        """Build this actor's client side once; returns its model's fingerprint."""
+        self.side = ClientSide.build(config)
+        return self.side.fingerprint
 
     def run_clients(self, work: RoundWork, start: int, stop: int) -> list[ClientResult]:
         """Clients ``start:stop`` of the round, through the local executor's ``run_client``."""
-        setup = self.setup
-        assert setup is not None, "prepare(config) first"
-        setup.algorithm.start_round(work.state, work.clients)
-        setup.channel.start_round()
-        return run_tasks(setup, list(work.tasks[start:stop]), self.ctx, self.meter)
+        assert self.side is not None, "prepare(config) first"
+        return self.side.run(work.state, work.clients, list(work.tasks[start:stop]))
 
 
 class RayPool:
@@ -304,10 +278,7 @@ class RayPool:
                 for result in chunk:
                     result.row["worker"] = worker
                 results.extend(chunk)
-            got = [r.update.client_id for r in results]
-            if got != [t.client_id for t in tasks]:
-                raise RuntimeError(f"ray: updates came back for clients {got}, sent {clients}")
-            return results
+            return results  # local.close_round checks they are the round's, in order
 
         return run_clients
 

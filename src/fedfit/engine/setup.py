@@ -6,6 +6,7 @@ shards plus seeds, never model copies. Tokenised data comes from the on-disk cac
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass
 
@@ -45,6 +46,17 @@ class RunSetup:
 def derive_seed(*parts: int) -> int:
     """A 31-bit seed from (run seed, round, client id, ...): independent streams per tuple."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every tensor of the model (names, dtypes, shapes and values): executors
+    whose clients build their own model check it against the server's."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().reshape(-1).contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def log(message: str) -> None:
