@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -79,13 +80,38 @@ class RunConfig:
             )
 
 
+HEAD_INITS = ("random", "ncm")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = field(default="minilm-l6", metadata={"help": "zoo name (fedfit models)"})
     max_length: int = field(default=64, metadata={"help": "tokens per example (truncation)"})
+    head_init: str = field(
+        default="random",
+        metadata={
+            "help": "classifier head start: random | ncm (federated nearest-class-mean, "
+            "a measured round 0; FedNCM, Legate et al. 2023)"
+        },
+    )
+    head_init_scale: float = field(
+        default=10.0,
+        metadata={"help": "ncm: logit scale s of the head s * mean_c / (|mean_c| * mean |x|)"},
+    )
+    head_init_clients: int = field(
+        default=0,
+        metadata={"help": "ncm: clients that send class sums in round 0; 0 = every eligible one"},
+    )
 
     def __post_init__(self) -> None:
         _check(self.max_length >= 2, "model.max_length", "must be >= 2")
+        _choice(self.head_init, "model.head_init", HEAD_INITS)
+        _check(
+            math.isfinite(self.head_init_scale) and self.head_init_scale > 0,
+            "model.head_init_scale",
+            "must be a finite number > 0",
+        )
+        _check(self.head_init_clients >= 0, "model.head_init_clients", "must be >= 0 (0 = all)")
 
 
 # Fields of DataConfig that describe a local file; setting one without data.path is a mistake
@@ -122,6 +148,21 @@ class DataConfig:
     )
     eval_examples: int = field(
         default=0, metadata={"help": "held-out examples to evaluate on; 0 = all"}
+    )
+    labels: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "keep only these classes, in this order (e.g. binary); () = all"},
+    )
+    prompt: str = field(
+        default="",
+        metadata={
+            "help": "causal LMs: classify by the next token after this template holding "
+            "{text}; '' = a classification head"
+        },
+    )
+    label_words: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "with data.prompt: one word per class, whose token is its logit"},
     )
     # A user's own dataset (fedfit.data.local); all of these are ignored-and-rejected when
     # path is empty.
@@ -164,6 +205,26 @@ class DataConfig:
         _check(self.min_examples >= 1, "data.min_examples", "must be >= 1")
         _check(self.max_examples >= 0, "data.max_examples", "must be >= 0 (0 = all)")
         _check(self.eval_examples >= 0, "data.eval_examples", "must be >= 0")
+        _check(
+            len(set(self.labels)) == len(self.labels),
+            "data.labels",
+            f"names a class twice: {list(self.labels)}",
+        )
+        _check(self.labels == () or len(self.labels) >= 2, "data.labels", "needs >= 2 classes")
+        if self.prompt:
+            _check(
+                "{text}" in self.prompt,
+                "data.prompt",
+                f"{self.prompt!r} has no {{text}} placeholder for the example",
+            )
+            _check(bool(self.label_words), "data.label_words", "data.prompt needs one per class")
+        else:
+            _check(not self.label_words, "data.label_words", "needs data.prompt")
+        _check(
+            len(set(self.label_words)) == len(self.label_words),
+            "data.label_words",
+            f"names a word twice: {list(self.label_words)}",
+        )
         if not self.path:
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
             for key in _LOCAL_ONLY:

@@ -44,7 +44,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -672,7 +672,41 @@ def _class_names(order: list[int | str], class_names: tuple[str, ...] | None) ->
 
 def load_configured(data: DataConfig, seed: int) -> TextDataset:
     """The run's dataset: the local file ``data.path`` when set, else the built-in
-    ``data.name`` (``seed`` only draws a local file's held-out split)."""
-    if data.path:
-        return load_local(data, seed)
-    return load_dataset(data.name)
+    ``data.name`` (``seed`` only draws a local file's held-out split); with ``data.labels``
+    only those classes, renumbered in that order."""
+    dataset = load_local(data, seed) if data.path else load_dataset(data.name)
+    return select_labels(dataset, data.labels) if data.labels else dataset
+
+
+def select_labels(dataset: TextDataset, names: Sequence[str]) -> TextDataset:
+    """Only the examples of classes ``names`` (e.g. a binary negative/positive task), with
+    class ``names[k]`` renumbered k; ``stats`` records what was dropped."""
+    if dataset.task != "classification":
+        raise DataError(f"data.labels: {dataset.name!r} is a {dataset.task!r} dataset, no classes")
+    unknown = [n for n in names if n not in dataset.label_names]
+    if unknown:
+        raise DataError(
+            f"data.labels: {unknown[0]!r} is not a class of {dataset.name!r}; its classes are "
+            f"{', '.join(map(repr, dataset.label_names))}"
+        )
+    new_index = {dataset.label_names.index(n): k for k, n in enumerate(names)}
+    assert dataset.train_labels is not None and dataset.test_labels is not None
+
+    def keep(labels: list[int]) -> list[int]:
+        return [i for i, y in enumerate(labels) if y in new_index]
+
+    train, test = keep(dataset.train_labels), keep(dataset.test_labels)
+    stats = dict(dataset.stats)
+    stats["dropped_by_labels_train"] = len(dataset.train_labels) - len(train)
+    stats["dropped_by_labels_test"] = len(dataset.test_labels) - len(test)
+    groups = dataset.train_groups
+    return replace(
+        dataset,
+        train_texts=[dataset.train_texts[i] for i in train],
+        train_labels=[new_index[dataset.train_labels[i]] for i in train],
+        train_groups=None if groups is None else [groups[i] for i in train],
+        test_texts=[dataset.test_texts[i] for i in test],
+        test_labels=[new_index[dataset.test_labels[i]] for i in test],
+        label_names=tuple(names),
+        stats=stats,
+    )
