@@ -67,7 +67,9 @@ classification with LoRA or head only at small shapes (the peak is weight-domina
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,12 +88,13 @@ class CostEstimate:
     activations_bytes: int
     peak_bytes: int
     flops_per_step: int  # forward + backward of one step
-    upload_bytes: int  # serialised trainable tensors (safetensors, header included)
+    upload_bytes: int  # the serialised upload (safetensors, header included)
     trainable_params: int
+    replay_flops: int = 0  # per round, outside the steps: replaying (seed, scalar) pairs
 
     def flops_per_round(self, steps: int) -> int:
-        """FLOPs of ``steps`` local steps of this shape."""
-        return steps * self.flops_per_step
+        """FLOPs of ``steps`` local steps of this shape, plus the round's replay."""
+        return steps * self.flops_per_step + self.replay_flops
 
 
 # --------------------------------------------------------------------------- architecture
@@ -190,6 +193,11 @@ def _linears(arch: _Arch) -> list[tuple[str, int, int, bool]]:
 
 
 Shape = tuple[int, ...]
+Adapter = tuple[str, int]
+"""What sits on one linear: ("lora", rank), ("lora-frozen", rank) (LoRA present but not
+trained: another Spry client's share), ("ia3-out", 0) (IA3 rescales the output) or ("ia3-in",
+0) (IA3 rescales the input: feed-forward modules)."""
+Adapters = dict[str, Adapter]
 
 
 def _linear_params(prefix: str, n_in: int, n_out: int, bias: bool) -> list[tuple[str, Shape]]:
@@ -276,21 +284,32 @@ class _Tally:
         self.transient = max(self.transient, F32 * numel)
 
     def linear(
-        self, m: int, n_in: int, n_out: int, x_rg: bool, w_rg: bool, rank: int
+        self, m: int, n_in: int, n_out: int, x_rg: bool, w_rg: bool, adapter: Adapter | None
     ) -> tuple[bool, bool]:
-        """A linear layer on ``m`` rows (plus a LoRA branch of ``rank``; 0 = none).
+        """A linear layer on ``m`` rows, with its adapter if any (see :data:`Adapter`).
 
         Returns (output rg, input saved): addmm saves its input only for dW; LoRA's A saves it
-        for dA and B saves A's output (m x rank) for dB.
+        for dA and B saves A's output (m x rank) for dB; IA3 saves what its vector multiplies
+        (the linear's output, or its input for a feed-forward one).
         """
+        kind, rank = adapter or ("", 0)
+        dx = x_rg or kind == "ia3-in"  # an input rescaled by a trained vector needs dX too
         self.forward += 2 * m * n_in * n_out
-        self.backward += 2 * m * n_in * n_out * (int(w_rg) + int(x_rg))
-        if rank:
+        self.backward += 2 * m * n_in * n_out * (int(w_rg) + int(dx))
+        if kind == "lora":
             self.forward += 2 * m * rank * (n_in + n_out)
             # dA, dB, and the gradient of A's output (dB_x); dA_x only if the input is rg
             self.backward += 2 * m * rank * (n_in + 2 * n_out + (n_in if x_rg else 0))
             self.save(m * rank)
-        return x_rg or w_rg or rank > 0, w_rg or rank > 0
+        elif kind == "lora-frozen":  # present, not trained (another Spry client's share)
+            self.forward += 2 * m * rank * (n_in + n_out)
+            self.backward += 2 * m * rank * (n_in + n_out) * int(x_rg)
+        elif kind == "ia3-out":
+            self.save(m * n_out)
+        elif kind == "ia3-in":
+            self.save(m * n_in)
+        trained = kind in ("lora", "ia3-out", "ia3-in")
+        return x_rg or w_rg or trained, w_rg or kind == "lora"
 
 
 def _attention(
@@ -329,25 +348,25 @@ def _attention(
 
 
 def _bert_block(
-    arch: _Arch, b: int, tokens: int, x_rg: bool, w_rg: bool, ranks: dict[str, int]
+    arch: _Arch, b: int, tokens: int, x_rg: bool, w_rg: bool, adapters: Adapters
 ) -> tuple[_Tally, bool, bool]:
     """One BERT block; returns (tally, output rg, input saved)."""
     t, n, h, i = _Tally(), b * tokens, arch.hidden, arch.inter
     s = b * arch.heads * tokens * tokens
-    q_rg, q_in = t.linear(n, h, h, x_rg, w_rg, ranks.get("attention.self.query", 0))
-    k_rg, k_in = t.linear(n, h, h, x_rg, w_rg, ranks.get("attention.self.key", 0))
-    v_rg, v_in = t.linear(n, h, h, x_rg, w_rg, ranks.get("attention.self.value", 0))
+    q_rg, q_in = t.linear(n, h, h, x_rg, w_rg, adapters.get("attention.self.query"))
+    k_rg, k_in = t.linear(n, h, h, x_rg, w_rg, adapters.get("attention.self.key"))
+    v_rg, v_in = t.linear(n, h, h, x_rg, w_rg, adapters.get("attention.self.value"))
     ctx_rg = _attention(t, arch, n, s, 3 * n * h, q_rg, k_rg, v_rg)
-    d_rg, d_in = t.linear(n, h, h, ctx_rg, w_rg, ranks.get("attention.output.dense", 0))
+    d_rg, d_in = t.linear(n, h, h, ctx_rg, w_rg, adapters.get("attention.output.dense"))
     t.save(n * h, d_in)  # context (heads merged, contiguous)
     t.save(n * h, d_rg and arch.hidden_dropout)
     ln1_rg = d_rg or x_rg
     t.save(n * h + 2 * n, ln1_rg or w_rg)  # LayerNorm input + mean + rstd
     ln1_out_rg = ln1_rg or w_rg
-    f1_rg, f1_in = t.linear(n, h, i, ln1_out_rg, w_rg, ranks.get("intermediate.dense", 0))
+    f1_rg, f1_in = t.linear(n, h, i, ln1_out_rg, w_rg, adapters.get("intermediate.dense"))
     t.save(n * h, f1_in)  # LayerNorm output
     t.save(n * i, f1_rg)  # GELU input
-    f2_rg, f2_in = t.linear(n, i, h, f1_rg, w_rg, ranks.get("output.dense", 0))
+    f2_rg, f2_in = t.linear(n, i, h, f1_rg, w_rg, adapters.get("output.dense"))
     t.save(n * i, f2_in)  # GELU output
     # the moment GELU returns: LayerNorm output, FC1 and GELU outputs are live whether saved
     # or not, and BertLayer holds the attention probabilities (its ``_``) until it returns
@@ -374,30 +393,30 @@ def _rms_norm(t: _Tally, n: int, h: int, x_rg: bool, w_rg: bool) -> bool:
 
 
 def _llama_block(
-    arch: _Arch, b: int, tokens: int, x_rg: bool, w_rg: bool, ranks: dict[str, int]
+    arch: _Arch, b: int, tokens: int, x_rg: bool, w_rg: bool, adapters: Adapters
 ) -> tuple[_Tally, bool, bool]:
     """One Llama block; returns (tally, output rg, input saved)."""
     t, n, h, i = _Tally(), b * tokens, arch.hidden, arch.inter
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     s = b * arch.heads * tokens * tokens
     y_rg = _rms_norm(t, n, h, x_rg, w_rg)
-    q_rg, q_in = t.linear(n, h, q, y_rg, w_rg, ranks.get("self_attn.q_proj", 0))
-    k_rg, k_in = t.linear(n, h, kv, y_rg, w_rg, ranks.get("self_attn.k_proj", 0))
-    v_rg, v_in = t.linear(n, h, kv, y_rg, w_rg, ranks.get("self_attn.v_proj", 0))
+    q_rg, q_in = t.linear(n, h, q, y_rg, w_rg, adapters.get("self_attn.q_proj"))
+    k_rg, k_in = t.linear(n, h, kv, y_rg, w_rg, adapters.get("self_attn.k_proj"))
+    v_rg, v_in = t.linear(n, h, kv, y_rg, w_rg, adapters.get("self_attn.v_proj"))
     t.save(n * h, q_in or k_in or v_in)  # normalised input of q, k, v
     ctx_rg = _attention(t, arch, n, s, n * (2 * q + 2 * kv), q_rg, k_rg, v_rg)
-    o_rg, o_in = t.linear(n, q, h, ctx_rg, w_rg, ranks.get("self_attn.o_proj", 0))
+    o_rg, o_in = t.linear(n, q, h, ctx_rg, w_rg, adapters.get("self_attn.o_proj"))
     t.save(n * q, o_in)
     h1_rg = o_rg or x_rg
     y2_rg = _rms_norm(t, n, h, h1_rg, w_rg)
-    g_rg, g_in = t.linear(n, h, i, y2_rg, w_rg, ranks.get("mlp.gate_proj", 0))
-    u_rg, u_in = t.linear(n, h, i, y2_rg, w_rg, ranks.get("mlp.up_proj", 0))
+    g_rg, g_in = t.linear(n, h, i, y2_rg, w_rg, adapters.get("mlp.gate_proj"))
+    u_rg, u_in = t.linear(n, h, i, y2_rg, w_rg, adapters.get("mlp.up_proj"))
     t.save(n * h, g_in or u_in)
     t.save(n * i, g_rg)  # SiLU input
     t.save(n * i, u_rg)  # SiLU output, for d(up)
     t.save(n * i, g_rg)  # up output, for d(silu)
     p_rg = g_rg or u_rg
-    d_rg, d_in = t.linear(n, i, h, p_rg, w_rg, ranks.get("mlp.down_proj", 0))
+    d_rg, d_in = t.linear(n, i, h, p_rg, w_rg, adapters.get("mlp.down_proj"))
     # the moment of silu(gate) * up: the residual h1, the MLP input, SiLU and up outputs and
     # their product are live whether saved or not; the layer holds the probabilities (``_``)
     probs_saved = v_rg if arch.attn_dropout else ctx_rg
@@ -415,35 +434,106 @@ def _matches(path: str, targets: tuple[str, ...]) -> bool:
     return any(path == t or path.endswith("." + t) for t in targets)
 
 
+# IA3's default targets per family (peft's), and which of them rescale their input
+IA3_TARGETS = {
+    "bert": ("key", "value", "output.dense"),
+    "llama": ("k_proj", "v_proj", "down_proj"),
+}
+IA3_FEEDFORWARD = {"bert": ("output.dense",), "llama": ("down_proj",)}
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """A trained tensor: its name as ``named_parameters`` gives it, shape, group ("embed",
+    "block.<i>", "top", "head") and, inside a block, the path of the linear it adapts."""
+
+    name: str
+    shape: Shape
+    group: str
+    path: str = ""
+
+
+def _block_path(arch: _Arch, name: str, group: str) -> str:
+    """The path inside its block of a block parameter's module ("attention.self.query")."""
+    prefix = "bert.encoder.layer." if arch.family == "bert" else "model.layers."
+    module = name.rsplit(".", 1)[0]
+    return module[len(prefix) + len(group) - len("block.") + 1 :]
+
+
+def _all_trained(
+    arch: _Arch, spec: TrainSpec, task: str, params: list[tuple[str, Shape, str]]
+) -> list[_Tensor]:
+    """Every tensor ``spec.kind`` makes trainable, in model order (before any Spry share)."""
+    if spec.kind == "full":
+        return [_Tensor(n, s, g) for n, s, g in params]
+    if spec.kind == "head":
+        return [_Tensor(n, s, g) for n, s, g in params if g == "head"]
+    if spec.kind == "layers":
+        first = arch.layers - spec.trained_layers
+        return [
+            _Tensor(n, s, g)
+            for n, s, g in params
+            if g in ("top", "head") or (g.startswith("block.") and int(g[6:]) >= first)
+        ]
+    if spec.kind == "bitfit":  # every bias, and the classification head
+        if arch.family != "bert" or task != "classification":
+            raise ValueError("predict: bitfit needs biases (BERT) and a classification head")
+        return [_Tensor(n, s, g) for n, s, g in params if g == "head" or n.endswith(".bias")]
+    # LoRA and IA3: peft prefixes every name with base_model.model. and trains a copy of the
+    # classification head (modules_to_save)
+    out: list[_Tensor] = []
+    if spec.kind == "lora":
+        targets, r = spec.targets(arch.family), spec.lora_rank
+    else:
+        targets, r = spec.lora_targets or IA3_TARGETS[arch.family], 0
+    for name, shape, group in params:
+        module = name.rsplit(".", 1)[0]
+        base = f"base_model.model.{module}"
+        adapted = group in ("top", "head") or group.startswith("block.")
+        if adapted and group != "head" and name.endswith(".weight") and len(shape) == 2:
+            adapted = _matches(module, targets)
+        else:
+            adapted = False
+        if adapted:
+            path = _block_path(arch, name, group) if group != "top" else "pooler.dense"
+            if spec.kind == "lora":
+                out.append(_Tensor(f"{base}.lora_A.default.weight", (r, shape[1]), group, path))
+                out.append(_Tensor(f"{base}.lora_B.default.weight", (shape[0], r), group, path))
+            elif _matches(module, IA3_FEEDFORWARD[arch.family]):
+                out.append(_Tensor(f"{base}.ia3_l.default", (1, shape[1]), group, path))
+            else:
+                out.append(_Tensor(f"{base}.ia3_l.default", (shape[0], 1), group, path))
+        if group == "head" and task == "classification":
+            head, leaf = name.rsplit(".", 1)
+            out.append(
+                _Tensor(f"base_model.model.{head}.modules_to_save.default.{leaf}", shape, group)
+            )
+    return out
+
+
+def _share(tensors: list[_Tensor], spec: TrainSpec) -> list[_Tensor]:
+    """Spry: the tensors of the client at ``spec.share = (position, clients)``, split as
+    Spry splits them (forward/spry.py: ``tensor_groups`` then ``assign_groups``)."""
+    if spec.share == (0, 1):
+        return tensors
+    from fedfit.algorithms.forward.spry import assign_groups, tensor_groups
+
+    position, clients = spec.share
+    head = [t.name for t in tensors if "classifier" in t.name or "score" in t.name]
+    groups = tensor_groups([t.name for t in tensors], head)
+    if not spec.share_head and head:
+        groups.append(head)
+    names = {n for g in assign_groups(len(groups), clients)[position] for n in groups[g]}
+    if spec.share_head:
+        names |= set(head)
+    return [t for t in tensors if t.name in names]
+
+
 def _trainable(
     arch: _Arch, spec: TrainSpec, task: str, params: list[tuple[str, Shape, str]]
 ) -> list[tuple[str, Shape]]:
     """(name, shape) of the trained tensors, named as ``model.named_parameters()`` names them."""
-    if spec.kind == "full":
-        return [(n, s) for n, s, _ in params]
-    if spec.kind == "head":
-        return [(n, s) for n, s, g in params if g == "head"]
-    if spec.kind == "layers":
-        first = arch.layers - spec.trained_layers
-        return [
-            (n, s)
-            for n, s, g in params
-            if g in ("top", "head") or (g.startswith("block.") and int(g[6:]) >= first)
-        ]
-    # LoRA: peft prefixes every name with base_model.model. and trains a copy of the head
-    targets, r = spec.targets(arch.family), spec.lora_rank
-    out: list[tuple[str, Shape]] = []
-    for name, shape, group in params:
-        module = name.rsplit(".", 1)[0]
-        if name.endswith(".weight") and len(shape) == 2 and group != "head":
-            if group != "embed" and _matches(module, targets):
-                base = f"base_model.model.{module}"
-                out += [(f"{base}.lora_A.default.weight", (r, shape[1]))]
-                out += [(f"{base}.lora_B.default.weight", (shape[0], r))]
-        if group == "head" and task == "classification":
-            head, leaf = name.rsplit(".", 1)
-            out.append((f"base_model.model.{head}.modules_to_save.default.{leaf}", shape))
-    return out
+    return [(t.name, t.shape) for t in _share(_all_trained(arch, spec, task, params), spec)]
 
 
 def _numel(shape: Shape) -> int:
@@ -453,19 +543,24 @@ def _numel(shape: Shape) -> int:
     return count
 
 
-def safetensors_bytes(tensors: list[tuple[str, Shape]]) -> int:
-    """Exact size of ``safetensors.torch.save`` of float32 tensors with these names and shapes.
+DTYPES = {"F32": 4, "I32": 4, "I64": 8}
+
+
+def safetensors_bytes(tensors: list[tuple[str, Shape]] | list[tuple[str, Shape, str]]) -> int:
+    """Exact size of ``safetensors.torch.save`` of tensors with these names and shapes (and
+    dtypes: "F32" unless a third item says "I32" or "I64").
 
     Layout: an 8-byte little-endian header length, a JSON header (tensors in name order, each
     with dtype, shape and data offsets; no spaces) padded with spaces to a multiple of 8, then
     the raw data.
     """
     header, offset = 1, 0  # "{" (the "}" takes the place of the last entry's comma)
-    for name, shape in sorted(tensors):
-        end = offset + F32 * _numel(shape)
+    for name, shape, *rest in sorted(tensors):
+        dtype = rest[0] if rest else "F32"
+        end = offset + DTYPES[dtype] * _numel(shape)
         dims = ",".join(map(str, shape))
         header += len(
-            f'"{name}":{{"dtype":"F32","shape":[{dims}],"data_offsets":[{offset},{end}]}},'
+            f'"{name}":{{"dtype":"{dtype}","shape":[{dims}],"data_offsets":[{offset},{end}]}},'
         )
         offset = end
     header = max(header, 2)  # "{}" when there are no tensors
@@ -478,80 +573,153 @@ def _buffers_bytes(arch: _Arch) -> int:
     return 2 * F32 * (arch.head_dim // 2)  # rotary inv_freq and original_inv_freq
 
 
-def _block_ranks(arch: _Arch, spec: TrainSpec) -> dict[str, int]:
-    if spec.kind != "lora":
-        return {}
-    targets = spec.targets(arch.family)
-    return {p: spec.lora_rank for p, *_ in _linears(arch) if _matches(p, targets)}
+@dataclass(frozen=True)
+class _Layout:
+    """What the step trains, block by block, as the activation model needs it."""
+
+    rg_from: int  # the hidden state requires grad (carries a tangent) from before this block
+    blocks: tuple[tuple[bool, tuple[tuple[str, Adapter], ...]], ...]  # (weights rg, adapters)
+    top_rg: bool  # pooler / final norm trained
+    head_rg: bool  # classifier / score / lm_head trained
 
 
-def _step(
+def _layout(arch: _Arch, spec: TrainSpec, task: str, trained: list[_Tensor]) -> _Layout:
+    first = {"full": 0, "layers": arch.layers - spec.trained_layers}.get(spec.kind, arch.layers)
+    names = {t.name for t in trained}
+    rg_from = 0 if spec.kind == "full" else arch.layers
+    if spec.kind == "bitfit":  # biases: the gradient flows from the lowest trained one (a
+        # share without the embeddings' bias is taken to start at its lowest block's input)
+        below = [
+            0 if t.group == "embed" else int(t.group[6:])
+            for t in trained
+            if t.group != "top" and t.group != "head"
+        ]
+        rg_from = min(below, default=arch.layers)
+    blocks = []
+    for i in range(arch.layers):
+        adapters: dict[str, Adapter] = {}
+        if spec.kind == "lora":
+            for path, *_ in _linears(arch):
+                if _matches(path, spec.targets(arch.family)):
+                    prefix = "bert.encoder.layer" if arch.family == "bert" else "model.layers"
+                    a = f"base_model.model.{prefix}.{i}.{path}.lora_A.default.weight"
+                    adapters[path] = ("lora" if a in names else "lora-frozen", spec.lora_rank)
+        elif spec.kind == "ia3":
+            for t in trained:
+                if t.group == f"block.{i}":
+                    adapters[t.path] = ("ia3-in" if t.shape[0] == 1 else "ia3-out", 0)
+        blocks.append((i >= first, tuple(sorted(adapters.items()))))
+    head_rg = any(t.group == "head" for t in trained)
+    return _Layout(rg_from, tuple(blocks), spec.kind in ("full", "layers"), head_rg)
+
+
+@dataclass(frozen=True)
+class _Passes:
+    """One forward pass of the step's shape, seen by each kind of step."""
+
+    activations: int  # backprop: max(forward peak, backward peak) (section Activations)
+    forward_flops: tuple[int, ...]  # per block, then the top (pooler / norm + head)
+    backward_flops: int  # backprop's backward; also a jvp's tangent FLOPs
+    inference_peak: int  # a forward without graph (no_grad), above the weights
+    jvp_peak: int  # a forward on dual numbers (primal + tangent), above the weights
+
+
+def _passes(
     arch: _Arch, task: str, num_labels: int, spec: TrainSpec, b: int, tokens: int, padded: bool
-) -> tuple[int, int]:
-    """(activation bytes, FLOPs) of one forward + backward."""
+) -> _Passes:
     n, h = b * tokens, arch.hidden
     full = spec.kind == "full"
-    first_trained = {"full": 0, "layers": arch.layers - spec.trained_layers}.get(
-        spec.kind, arch.layers
-    )
-    ranks = _block_ranks(arch, spec)
+    trained = _share(_all_trained(arch, spec, task, _parameters(arch, task, num_labels)), spec)
+    layout = _layout(arch, spec, task, trained)
     block = _bert_block if arch.family == "bert" else _llama_block
     # live through the whole forward, freed when it returns: the 4-D float attention mask
     # (BERT builds it only for a padded batch; Llama's causal mask always), Llama's cos / sin
     forward_only = F32 * b * tokens * tokens if (padded or arch.family == "llama") else 0
-    saved = forward_peak = flops = 0
-    x_rg = full
-    if arch.family == "bert" and full:  # embeddings LayerNorm (+ its dropout mask)
+    inference = jvp = forward_only  # forward-only passes keep nothing but these
+    saved = forward_peak = backward = 0
+    forward: list[int] = []
+    x_rg = layout.rg_from == 0
+    if arch.family == "bert" and x_rg:  # embeddings LayerNorm (+ its dropout mask)
         saved += F32 * (n * h * (2 if arch.hidden_dropout else 1) + 2 * n)
     if arch.family == "llama":
         rope = 2 * F32 * n * arch.head_dim
         # q * cos and rotate_half(q) * sin keep cos and sin only when something is trained
-        saved += rope if (full or spec.kind in ("lora", "layers")) else 0
+        saved += rope if (full or spec.kind in ("lora", "layers", "ia3")) else 0
     x = F32 * n * h  # the hidden state handed from block to block
-    seen: dict[tuple[bool, bool], tuple[_Tally, bool, bool]] = {}  # blocks differ only by these
-    for i in range(arch.layers):
-        key = (x_rg, i >= first_trained)
+    tangent = 2 if x_rg else 1  # a jvp carries a tangent beside every primal from here on
+    seen: dict[Any, tuple[_Tally, bool, bool]] = {}  # blocks differ only by these
+    for i, (w_rg, adapters) in enumerate(layout.blocks):
+        x_rg = x_rg or layout.rg_from == i
+        key = (x_rg, w_rg, adapters)
         if key not in seen:
-            seen[key] = block(arch, b, tokens, *key, ranks)
+            seen[key] = block(arch, b, tokens, x_rg, w_rg, dict(adapters))
+        frozen_key = (False, False, adapters)
+        if frozen_key not in seen:
+            seen[frozen_key] = block(arch, b, tokens, False, False, dict(adapters))
         t, out_rg, in_saved = seen[key]
-        if i == 0 and not (in_saved or (arch.family == "llama" and full)):
+        plain = seen[frozen_key][0]
+        if i == 0 and not (in_saved or (arch.family == "llama" and x_rg)):
             # the embedding output stays referenced by the model's forward until it returns
             forward_only += x
+        if i == 0:
+            inference += x
+            jvp += x * tangent
         forward_peak = max(forward_peak, forward_only + saved + x + t.transient)
+        inference = max(inference, forward_only + x + plain.transient)
+        tangent = 2 if (x_rg or out_rg) else 1
+        jvp = max(jvp, forward_only + tangent * (x + plain.transient))
         saved += t.saved + (x if in_saved else 0)
-        flops += t.forward + t.backward
+        forward.append(t.forward)
+        backward += t.backward
         x_rg = out_rg
-    top_rg = spec.kind in ("full", "layers")
-    head_rg = spec.kind != "lora" or task == "classification"
+    head_rg, top_rg = layout.head_rg, layout.top_rg
     t = _Tally()
     if arch.family == "bert":
-        rank = spec.lora_rank if ranks and _matches("pooler.dense", spec.targets("bert")) else 0
-        p_rg, p_in = t.linear(b, h, h, x_rg, top_rg, rank)
+        pooler = None
+        if spec.kind == "lora" and _matches("pooler.dense", spec.targets("bert")):
+            a = "base_model.model.bert.pooler.dense.lora_A.default.weight"
+            pooler = ("lora" if a in {t.name for t in trained} else "lora-frozen", spec.lora_rank)
+        p_rg, p_in = t.linear(b, h, h, x_rg, top_rg, pooler)
         t.save(n * h, p_in)  # the pooler reads a view of the whole last hidden state
         t.save(b * h, p_rg)  # tanh output
         t.save(b * h, p_rg and arch.head_dropout)
-        c_rg, c_in = t.linear(b, h, num_labels, p_rg, head_rg, 0)
+        c_rg, c_in = t.linear(b, h, num_labels, p_rg, head_rg, None)
         t.save(b * h, c_in)
         t.save(b * num_labels, c_rg)  # log_softmax output
         # the top block's backward: FC2's input gradient (N I) is allocated while LN2's
         # input and the FFN dropout mask (2 N h) are already freed
         backward_extra = F32 * n * (max(arch.inter - h, h) if x_rg else h)
+        top_live = 0
     else:
         y_rg = _rms_norm(t, n, h, x_rg, top_rg)
         # the final norm's x * rsqrt and its weighted output live with its input at the end
         forward_only += 2 * F32 * n * h
         out = num_labels if task == "classification" else arch.vocab
         out_w_rg = head_rg if task == "classification" else (full and arch.tied) or top_rg
-        c_rg, c_in = t.linear(n, h, out, y_rg, out_w_rg and (task == "classification" or full), 0)
+        c_rg, c_in = t.linear(
+            n, h, out, y_rg, out_w_rg and (task == "classification" or full), None
+        )
         t.save(n * h, c_in)
+        top_live = 2 * F32 * n * h
         if task == "lm":
             t.save(n * out, c_rg)  # log_softmax output over the vocabulary
             forward_only += F32 * n * out  # the logits, until the output object is dropped
+            top_live += 2 * F32 * n * out  # the logits and their log_softmax
         backward_extra = F32 * max(n * h, 2 * n * (out if task == "lm" else 0))
-    flops += t.forward + t.backward
+    forward.append(t.forward)
+    backward += t.backward
     saved += t.saved
     forward_peak = max(forward_peak, forward_only + saved + x)
-    return max(forward_peak, saved + backward_extra), flops
+    base = F32 * b * tokens * tokens if (padded or arch.family == "llama") else 0
+    inference = max(inference, base + x + top_live)
+    jvp = max(jvp, base + tangent * (x + top_live))
+    return _Passes(
+        activations=max(forward_peak, saved + backward_extra),
+        forward_flops=tuple(forward),
+        backward_flops=backward,
+        inference_peak=inference,
+        jvp_peak=jvp,
+    )
 
 
 def _adafactor_numel(shape: Shape) -> int:
@@ -567,17 +735,23 @@ def _adafactor_numel(shape: Shape) -> int:
 def _static_costs(
     arch: _Arch, task: str, num_labels: int, spec: TrainSpec
 ) -> tuple[int, int, int, int, int, int]:
-    """(weights, grads, optimiser state, optimiser temporaries, upload bytes, trainable params):
-    everything that does not depend on the batch shape (cached: the planner asks often)."""
+    """(weights, grads, optimiser state, optimiser temporaries, weights upload bytes,
+    trainable params): everything that does not depend on the batch shape (cached: the
+    planner asks often)."""
     params = _parameters(arch, task, num_labels)
-    trained = _trainable(arch, spec, task, params)
+    every = _all_trained(arch, spec, task, params)
+    trained = [(t.name, t.shape) for t in _share(every, spec)]
     trainable_params = sum(_numel(s) for _, s in trained)
     weights = F32 * sum(_numel(s) for _, s, _ in params) + _buffers_bytes(arch)
-    if spec.kind == "lora":  # the adapters and peft's trainable copy of the head
-        weights += F32 * trainable_params
-    grads = F32 * trainable_params
+    if spec.kind in ("lora", "ia3"):  # the adapters and peft's trainable copy of the head
+        weights += F32 * sum(_numel(t.shape) for t in every)
+    # zero-order steps and Spry's per-iteration mode leave no gradient for an optimiser
+    stepped = spec.step in ("backprop", "jvp", "fd") and spec.upload != "jvp"
+    grads = F32 * trainable_params if stepped else 0
     largest = max((F32 * _numel(s) for _, s in trained), default=0)
-    if spec.optimizer == "adamw":
+    if not stepped:
+        optimizer = temporaries = 0
+    elif spec.optimizer == "adamw":
         optimizer = 2 * grads + F32 * len(trained)
         temporaries = 2 * largest  # sqrt(v) and its division by the bias correction
     elif spec.optimizer == "sgd-momentum":
@@ -593,6 +767,55 @@ def _static_costs(
     return weights, grads, optimizer, temporaries, upload, trainable_params
 
 
+# Zero-order perturbation (zeroorder/core.py) keeps 3 bytes (int16 offset + int8 bit
+# difference) per element that ``(p + d) - d`` does not bring back; the fraction of such
+# elements depends on the weights and eps (4% of MiniLM's at eps 1e-3, 7% of a random
+# BERT's, measured): the model takes the larger.
+ZO_FIXED_FRACTION = 0.07
+ZO_FIX_BYTES = 3
+
+
+def scalar_payload(spec: TrainSpec, steps: int) -> list[tuple[str, Shape, str]]:
+    """(name, shape, dtype) of the tensors of a seeds-and-scalars upload after ``steps``
+    local steps, as each method builds its payload."""
+    p = spec.probes
+    if spec.upload == "jvp":  # Spry per iteration: the K jvp values of its one minibatch
+        return [("jvp", (p * steps,), "F32")]
+    if spec.upload == "kseed":  # FedKSeed: a pool index and a scalar per step
+        return [("seed_index", (steps,), "I32"), ("scalar", (steps,), "F32")]
+    if spec.upload == "decomfl":  # DeComFL: the scalars, [steps, P]
+        return [("scalar", (steps, p), "F32")]
+    if spec.upload == "spzo":  # FedSPZO: the base seed, block-1 and block-2 scalars
+        return [
+            ("base_seed", (1,), "I64"),
+            ("block1_scalar", (steps, p), "F32"),
+            ("block2_scalar", (steps, p, spec.probes2), "F32"),
+        ]
+    raise ValueError(f"scalar_payload: upload {spec.upload!r} holds weights")
+
+
+def _step_costs(
+    arch: _Arch, spec: TrainSpec, passes: _Passes, trained_bytes: int, n: int
+) -> tuple[int, int]:
+    """(activation bytes, FLOPs) of one step of ``spec.step`` (module docstring)."""
+    forward = sum(passes.forward_flops)
+    k = spec.probes
+    if spec.step == "backprop":
+        return passes.activations, forward + passes.backward_flops
+    if spec.step == "jvp":  # K tangents and the estimate live through the K dual passes
+        return passes.jvp_peak + (k + 1) * trained_bytes, k * (forward + passes.backward_flops)
+    if spec.step == "fd":  # K tangents, the saved tensors and the estimate; 2K + 1 passes
+        return passes.inference_peak + (k + 2) * trained_bytes, (2 * k + 1) * forward
+    fixes = math.ceil(ZO_FIXED_FRACTION * trained_bytes / F32) * ZO_FIX_BYTES
+    if spec.step == "zo":
+        return passes.inference_peak + fixes, 2 * k * forward
+    # spzo: block 1's two outputs are kept while block 2 runs its 2 P2 passes on them
+    lower = sum(passes.forward_flops[: spec.split])
+    upper = forward - lower
+    flops = 2 * k * lower + 2 * k * spec.probes2 * upper
+    return passes.inference_peak + 2 * F32 * n * arch.hidden + fixes, flops
+
+
 def predict(
     model_config: Any,
     task: str,
@@ -601,12 +824,14 @@ def predict(
     batch_size: int,
     seq_len: int,
     padded: bool = True,
+    steps: int = 1,
 ) -> CostEstimate:
     """Predicted cost of one training step of ``spec`` on a (batch_size x seq_len) batch.
 
     ``model_config``: the model's Hugging Face ``BertConfig`` / ``LlamaConfig``
     (``model.config``). ``padded``: the batch has padding, so BERT builds its 4-D attention
-    mask (collated batches nearly always do). Analytic: no model is built.
+    mask (collated batches nearly always do). ``steps``: local steps of a round, which sizes
+    a seeds-and-scalars upload (``spec.upload``). Analytic: no model is built.
     """
     arch = _arch(model_config)
     if task not in ("classification", "lm") or (arch.family == "bert" and task == "lm"):
@@ -615,10 +840,21 @@ def predict(
         raise ValueError("predict: TrainSpec(kind='head') needs task='classification'")
     if spec.kind == "layers" and spec.trained_layers > arch.layers:
         raise ValueError(f"trained_layers={spec.trained_layers} > the {arch.layers} blocks")
+    if spec.step == "spzo" and not 0 <= spec.split <= arch.layers:
+        raise ValueError(f"split={spec.split} outside the {arch.layers} blocks")
+    if spec.step != "backprop":  # these steps run the model in eval mode: no dropout
+        arch = dataclasses.replace(
+            arch, hidden_dropout=False, attn_dropout=False, head_dropout=False
+        )
     weights, grads, optimizer, temporaries, upload, trainable_params = _static_costs(
         arch, task, num_labels, spec
     )
-    activations, flops = _step(arch, task, num_labels, spec, batch_size, seq_len, padded)
+    passes = _passes(arch, task, num_labels, spec, batch_size, seq_len, padded)
+    activations, flops = _step_costs(
+        arch, spec, passes, F32 * trainable_params, batch_size * seq_len
+    )
+    if spec.upload != "weights":
+        upload = safetensors_bytes(scalar_payload(spec, steps))
     # Steady state: from a round's second step on, the optimiser state is resident while
     # the forward and backward passes run (the first step's peak is never higher).
     peak = weights + optimizer + max(activations, grads + temporaries)
@@ -631,4 +867,14 @@ def predict(
         flops_per_step=flops,
         upload_bytes=upload,
         trainable_params=trainable_params,
+        replay_flops=2 * spec.replay_pairs * _replayed_params(arch, task, num_labels, spec),
+    )
+
+
+def _replayed_params(arch: _Arch, task: str, num_labels: int, spec: TrainSpec) -> int:
+    """Elements a replay of (seed, scalar) pairs updates: every trained tensor."""
+    if not spec.replay_pairs:
+        return 0
+    return sum(
+        _numel(t.shape) for t in _all_trained(arch, spec, task, _parameters(arch, task, num_labels))
     )

@@ -13,7 +13,9 @@ import torch
 
 from fedfit.costs.measure import StepMemory, measure_step
 
-KINDS = ("full", "lora", "layers", "head")
+KINDS = ("full", "lora", "layers", "head", "bitfit", "ia3")
+STEPS = ("backprop", "jvp", "fd", "zo", "spzo")
+UPLOADS = ("weights", "jvp", "kseed", "decomfl", "spzo")
 OPTIMIZERS = ("adamw", "sgd", "sgd-momentum", "adafactor")
 # peft's usual targets per family (the attention query and value projections).
 LORA_TARGETS = {"bert": ("query", "value"), "llama": ("q_proj", "v_proj")}
@@ -32,6 +34,20 @@ class TrainSpec:
       them (BERT: pooler and classifier; Llama: final norm and score, or final norm for LM),
       everything below frozen, embeddings included.
     - ``kind="head"``: the task head only (classifier / score); classification only.
+    - ``kind="bitfit"``: every bias plus the classification head (BERT).
+    - ``kind="ia3"``: peft's IA3 vectors on ``lora_targets`` (empty: peft's default for the
+      family; feed-forward ones rescale their input), plus the classification head.
+
+    How the gradient is had (``step``): ``"backprop"``; ``"jvp"`` (forward gradients with
+    ``probes`` tangents, forward/core.py); ``"fd"`` (central finite differences with
+    ``probes`` perturbations, Baffle); ``"zo"`` (MeZO steps with ``probes`` perturbations,
+    seeded in place, zeroorder/core.py); ``"spzo"`` (FedSPZO: ``probes`` = P1 block-1 and
+    ``probes2`` = P2 block-2 perturbations, block 2 from block ``split``). Every step but
+    backprop runs the model in eval mode. ``share = (position, clients)``: Spry's split, the
+    client at ``position`` of a round's ``clients`` trains only its groups (plus the head
+    with ``share_head``). ``upload``: what is sent, "weights" (the trained tensors) or the
+    scalars of "jvp" (Spry per iteration), "kseed", "decomfl", "spzo". ``replay_pairs``:
+    (seed, scalar) pairs the device replays on its trained tensors in a round.
 
     ``optimizer``: ``"adamw"`` (two moments per trainable tensor and a step counter),
     ``"sgd"`` (no momentum: no state), ``"sgd-momentum"`` (one buffer per tensor) or
@@ -44,8 +60,26 @@ class TrainSpec:
     lora_rank: int = 8
     lora_targets: tuple[str, ...] = ()
     optimizer: str = "adamw"
+    step: str = "backprop"
+    probes: int = 1
+    probes2: int = 0
+    split: int = 0
+    share: tuple[int, int] = (0, 1)
+    share_head: bool = True
+    upload: str = "weights"
+    replay_pairs: int = 0
 
     def __post_init__(self) -> None:
+        if self.step not in STEPS:
+            raise ValueError(f"TrainSpec.step: {self.step!r} is not one of {', '.join(STEPS)}")
+        if self.upload not in UPLOADS:
+            raise ValueError(f"TrainSpec.upload: {self.upload!r} not in {UPLOADS}")
+        if self.probes < 1 or (self.step == "spzo" and self.probes2 < 1):
+            raise ValueError("TrainSpec.probes (and probes2 for spzo): must be >= 1")
+        if not 0 <= self.share[0] < self.share[1]:
+            raise ValueError(f"TrainSpec.share: position {self.share[0]} of {self.share[1]}")
+        if self.replay_pairs < 0 or self.split < 0:
+            raise ValueError("TrainSpec.replay_pairs and split: must be >= 0")
         if self.kind not in KINDS:
             raise ValueError(f"TrainSpec.kind: {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.optimizer not in OPTIMIZERS:
@@ -98,7 +132,21 @@ def apply_spec(model: torch.nn.Module, spec: TrainSpec, task: str) -> torch.nn.M
             target_modules=list(spec.targets(str(model.config.model_type))),  # type: ignore[union-attr]
         )
         return get_peft_model(model, config)  # type: ignore[arg-type]
+    if spec.kind == "ia3":
+        from peft import IA3Config, TaskType, get_peft_model
+
+        ia3 = IA3Config(
+            task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
+            target_modules=list(spec.lora_targets) or None,
+        )
+        return get_peft_model(model, ia3)  # type: ignore[arg-type]
     model.requires_grad_(False)
+    if spec.kind == "bitfit":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith(".bias"))
+        for module in _head_modules(model):
+            module.requires_grad_(True)
+        return model
     if spec.kind == "head":
         heads = _head_modules(model) if task == "classification" else []
         if not heads:
