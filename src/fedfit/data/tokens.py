@@ -5,6 +5,14 @@ are computed once per (tokenizer, max_length, texts) and kept in
 ``cache_dir()/tokens/<key>.npz`` as one flat int32 array plus offsets. Sequences are stored
 unpadded; :func:`collate` pads each batch only to its own longest sequence, so short
 tweets do not pay for ``max_length`` in every forward pass.
+
+With a prompt (``data.prompt``, e.g. ``"Tweet: {text}\nSentiment:"``) each text is put into the
+template and the whole string is tokenised at once (the text's first word keeps its natural
+token, e.g. " great" after "Tweet:"). Only the tokenizer's LEADING special tokens are kept
+(a BOS): the label word is predicted after the template's last token, so nothing may follow
+it. A filled template longer than ``max_length`` loses the end of its TEXT: it becomes
+``specials + tokens(head + text)[:room] + tokens(tail)``, the template's tail tokenised alone,
+so the last position is always the template's end.
 """
 
 from __future__ import annotations
@@ -36,24 +44,25 @@ def texts_digest(texts: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def cache_key(texts: Sequence[str], tokenizer: Any, max_length: int) -> str:
+def cache_key(texts: Sequence[str], tokenizer: Any, max_length: int, prompt: str = "") -> str:
     """Hash of what the ids depend on: tokenizer (name or path, vocabulary size, class),
-    ``max_length`` and the texts."""
-    ident = "\n".join(
-        [
-            str(getattr(tokenizer, "name_or_path", "")),
-            str(len(tokenizer)),
-            type(tokenizer).__qualname__,
-            str(max_length),
-            texts_digest(texts),
-        ]
-    )
+    ``max_length``, the prompt template (if any) and the texts."""
+    parts = [
+        str(getattr(tokenizer, "name_or_path", "")),
+        str(len(tokenizer)),
+        type(tokenizer).__qualname__,
+        str(max_length),
+        texts_digest(texts),
+    ]
+    if prompt:  # appended only when set: unprompted keys stay those of earlier caches
+        parts.append("prompt:" + texts_digest([prompt]))
+    ident = "\n".join(parts)
     return hashlib.sha256(ident.encode("utf-8")).hexdigest()[:32]
 
 
-def cache_path(texts: Sequence[str], tokenizer: Any, max_length: int) -> Path:
+def cache_path(texts: Sequence[str], tokenizer: Any, max_length: int, prompt: str = "") -> Path:
     """Where :func:`tokenize` keeps the ids of these texts."""
-    return cache_dir() / "tokens" / f"{cache_key(texts, tokenizer, max_length)}.npz"
+    return cache_dir() / "tokens" / f"{cache_key(texts, tokenizer, max_length, prompt)}.npz"
 
 
 def _encode(texts: Sequence[str], tokenizer: Any, max_length: int) -> list[list[int]]:
@@ -64,6 +73,68 @@ def _encode(texts: Sequence[str], tokenizer: Any, max_length: int) -> list[list[
         # BERT, nothing or BOS for Llama), truncated from the right, no padding.
         enc = tokenizer(batch, truncation=True, max_length=max_length, add_special_tokens=True)
         ids.extend(enc["input_ids"])
+    return ids
+
+
+def split_prompt(prompt: str) -> tuple[str, str]:
+    """The template's text before and after its one ``{text}`` placeholder."""
+    if prompt.count("{text}") != 1:
+        raise ValueError(
+            f"data.prompt: {prompt!r} must hold {{text}} exactly once "
+            f"(it holds it {prompt.count('{text}')} times)"
+        )
+    head, tail = prompt.split("{text}")
+    return head, tail
+
+
+def leading_special_ids(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts BEFORE a text (BOS, [CLS]; often none)."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def _encode_prompted(
+    texts: Sequence[str], tokenizer: Any, max_length: int, prompt: str
+) -> list[list[int]]:
+    head, tail = split_prompt(prompt)
+    lead = leading_special_ids(tokenizer)
+    tail_ids = list(tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail else []
+    room = max_length - len(lead) - len(tail_ids)  # tokens left for head + text
+    head_len = len(tokenizer(head, add_special_tokens=False)["input_ids"]) if head else 0
+    if room <= head_len:
+        raise ValueError(
+            f"model.max_length = {max_length} leaves no room for the text: the prompt "
+            f"{prompt!r} alone takes {len(lead) + head_len + len(tail_ids)} tokens"
+        )
+    ids: list[list[int]] = []
+    for start in range(0, len(texts), _BATCH):
+        batch = list(texts[start : start + _BATCH])
+        # One token past the limit tells a filled template that fits from one that does not,
+        # without tokenising all of a long text.
+        filled = tokenizer(
+            [head + text + tail for text in batch],
+            add_special_tokens=False,
+            truncation=True,
+            max_length=max_length - len(lead) + 1,
+        )["input_ids"]
+        long = [i for i, seq in enumerate(filled) if len(lead) + len(seq) > max_length]
+        cut = (
+            tokenizer(
+                [head + batch[i] for i in long],
+                add_special_tokens=False,
+                truncation=True,
+                max_length=room,
+            )["input_ids"]
+            if long
+            else []
+        )
+        for i, seq in zip(long, cut, strict=True):
+            filled[i] = list(seq) + tail_ids
+        ids.extend(lead + list(seq) for seq in filled)
     return ids
 
 
@@ -85,19 +156,28 @@ def _load(path: Path) -> list[np.ndarray]:
     return [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
 
 
-def tokenize(texts: Sequence[str], tokenizer: Any, max_length: int) -> list[np.ndarray]:
+def tokenize(
+    texts: Sequence[str], tokenizer: Any, max_length: int, prompt: str = ""
+) -> list[np.ndarray]:
     """Unpadded int32 token ids of each text, truncated to ``max_length``, cached on disk.
 
+    With ``prompt`` (a template holding ``{text}`` once) each text is first put into the
+    template, and truncation cuts the text, never the template's end (module docstring).
     The first call runs the (fast, batched) tokenizer and writes
     ``cache_dir()/tokens/<key>.npz`` (key: :func:`cache_key`); later calls with the same
-    tokenizer, ``max_length`` and texts only read that file.
+    tokenizer, ``max_length``, prompt and texts only read that file.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    path = cache_path(texts, tokenizer, max_length)
+    if prompt:
+        split_prompt(prompt)  # a bad template fails even when a cache exists
+    path = cache_path(texts, tokenizer, max_length, prompt)
     if path.exists():
         return _load(path)
-    seqs = _encode(texts, tokenizer, max_length)
+    if prompt:
+        seqs = _encode_prompted(texts, tokenizer, max_length, prompt)
+    else:
+        seqs = _encode(texts, tokenizer, max_length)
     _save(path, seqs)
     return [np.asarray(s, dtype=np.int32) for s in seqs]
 

@@ -108,12 +108,21 @@ def build(config: Config) -> RunSetup:
             f"partition of {dataset.name!r} gives {len(parts)} clients"
         )
     model, tokenizer = load_model(
-        config.model.name, task, num_labels=max(2, len(dataset.label_names)), seed=config.run.seed
+        config.model.name,
+        task,
+        num_labels=max(2, len(dataset.label_names)),
+        seed=config.run.seed,
+        label_words=config.data.label_words,  # with data.prompt: classify by next-token logits
+        class_names=dataset.label_names,
     )
     lm = task == "lm"
     pad_id = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
-    train_seqs = tokenize(dataset.train_texts, tokenizer, config.model.max_length)
-    test_seqs = tokenize(dataset.test_texts, tokenizer, config.model.max_length)
+    train_seqs = tokenize(
+        dataset.train_texts, tokenizer, config.model.max_length, prompt=config.data.prompt
+    )
+    test_seqs = tokenize(
+        dataset.test_texts, tokenizer, config.model.max_length, prompt=config.data.prompt
+    )
     train_labels = None if lm else np.asarray(dataset.train_labels)
     test_labels = None if lm else np.asarray(dataset.test_labels)
 

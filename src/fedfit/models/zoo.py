@@ -9,7 +9,7 @@ clients (or two runs) with the same seed start from bitwise the same model.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -349,7 +349,12 @@ def init_head_(head: torch.nn.Linear, seed: int, std: float) -> None:
 
 
 def load_model(
-    name: str, task: str, num_labels: int = 2, seed: int = 0
+    name: str,
+    task: str,
+    num_labels: int = 2,
+    seed: int = 0,
+    label_words: Sequence[str] = (),
+    class_names: Sequence[str] = (),
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Load model ``name`` for ``task`` with its tokenizer, in float32, eager attention, eval mode.
 
@@ -360,6 +365,10 @@ def load_model(
     always has a pad token (eos for Llama), mirrored in ``model.config.pad_token_id``; the
     input embedding has no ``padding_idx``, so backprop gives the true gradient of every row.
 
+    With ``label_words`` (``data.label_words``, one per class; ``class_names`` only name the
+    classes in errors) a classification model is a causal LM classifying by its next-token
+    logits of those words (models/verbalizer.py): no random head, the LM's weights only.
+
     Raises ``ModelNotAvailable`` (naming the pip command) if the weight package is missing,
     ``ValueError`` for an unknown name or a task the model does not support.
     """
@@ -369,6 +378,12 @@ def load_model(
     info = entry.info
     if task not in info.tasks:
         raise ValueError(f"model {name!r} supports tasks {info.tasks}, not {task!r}")
+    if label_words:
+        from fedfit.models import verbalizer  # torch + transformers: not for listing the zoo
+
+        verbalizer.check_prompt_task(name, info.family, task, label_words, num_labels, class_names)
+        lm, tokenizer = load_model(name, "lm", seed=seed)
+        return verbalizer.from_causal_lm(lm, tokenizer, label_words, name).eval(), tokenizer
     tokenizer = _load_tokenizer(entry.tokenizer_dir(), entry.arch["max_position_embeddings"])
     weights_dir = entry.weights_dir() if entry.weights_dir is not None else None
     cls = _model_class(info.family, task)
