@@ -41,7 +41,13 @@ class CostContext:
 
     def estimate(self, spec: TrainSpec) -> CostEstimate:
         return predict(
-            self.model_config, self.task, self.num_labels, spec, self.batch_size, self.seq_len
+            self.model_config,
+            self.task,
+            self.num_labels,
+            spec,
+            self.batch_size,
+            self.seq_len,
+            steps=self.steps,
         )
 
     def reference(self) -> Reference:
@@ -76,12 +82,24 @@ class Plan:
 
 
 def describe_spec(spec: TrainSpec) -> str:
-    return {
+    trains = {
         "full": "full model",
         "lora": f"LoRA r={spec.lora_rank} + head",
         "layers": f"top {spec.trained_layers} blocks + head",
         "head": "head only",
+        "bitfit": "biases + head",
+        "ia3": "IA3 + head",
     }[spec.kind]
+    if spec.share[1] > 1:
+        trains += f" (share of {spec.share[1]})"
+    how = {
+        "backprop": "",
+        "jvp": f", jvp x{spec.probes}",
+        "fd": f", finite diff. x{spec.probes}",
+        "zo": f", ZO x{spec.probes}",
+        "spzo": f", split ZO {spec.probes}x{spec.probes2}",
+    }[spec.step]
+    return trains + how
 
 
 def check(spec: TrainSpec, budget: Budget, ctx: CostContext) -> Plan:

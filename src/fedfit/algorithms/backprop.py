@@ -65,22 +65,13 @@ class FedAvg:
         model.requires_grad_(True)
         return model
 
-    def spec(self, ctx: CostContext) -> TrainSpec | None:
-        """What every client trains, for the cost model (None: no cost model for it)."""
+    def spec(self, ctx: CostContext) -> TrainSpec:
+        """What every client trains and how, for the cost model (costs/predict.py)."""
         return TrainSpec("full", optimizer=ctx.optimizer)
 
     def plan(self, budget: Budget, ctx: CostContext) -> Plan:
         """Every client trains the same tensors: it fits its budget or is excluded."""
-        spec = self.spec(ctx)
-        if spec is None:
-            if budget.unlimited:
-                return Plan(True)
-            return Plan(
-                False,
-                f"{self.name} has no cost model yet, so it cannot be planned "
-                "against device budgets",
-            )
-        return check(spec, budget, ctx)
+        return check(self.spec(ctx), budget, ctx)
 
     def plan_done(self, model: torch.nn.Module, plans: Sequence[Plan]) -> None:
         """Called once with every client's plan (excluded ones included); nothing to do."""
@@ -129,7 +120,7 @@ class FedSGD(FedAvg):
     name = "fedsgd"
     payload_kind = "gradient"
 
-    def spec(self, ctx: CostContext) -> TrainSpec | None:
+    def spec(self, ctx: CostContext) -> TrainSpec:
         return TrainSpec("full", optimizer="sgd")  # gradients only: no optimiser state
 
     def client_update(

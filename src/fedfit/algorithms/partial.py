@@ -124,7 +124,7 @@ class PartialTraining(FedAvg):
         self.positions: dict[int, int] = {}
         return model
 
-    def spec(self, ctx: CostContext) -> TrainSpec | None:
+    def spec(self, ctx: CostContext) -> TrainSpec:
         """Upper bound: the lowest block may be chosen, so backprop may reach every block."""
         if self.options.embeddings:
             return TrainSpec("full", optimizer=ctx.optimizer)

@@ -68,7 +68,7 @@ class LoraOptions:
 class LoRA(FedAvg):
     name = "lora"
 
-    def spec(self, ctx: CostContext) -> TrainSpec | None:
+    def spec(self, ctx: CostContext) -> TrainSpec:
         opts: LoraOptions = self.options  # type: ignore[assignment]
         return TrainSpec(
             "lora", lora_rank=opts.r, lora_targets=opts.target_modules, optimizer=ctx.optimizer
@@ -103,8 +103,9 @@ class IA3Options:
 class IA3(FedAvg):
     name = "ia3"
 
-    def spec(self, ctx: CostContext) -> TrainSpec | None:
-        return None
+    def spec(self, ctx: CostContext) -> TrainSpec:
+        opts: IA3Options = self.options  # type: ignore[assignment]
+        return TrainSpec("ia3", lora_targets=opts.target_modules, optimizer=ctx.optimizer)
 
     def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
         opts: IA3Options = self.options  # type: ignore[assignment]
@@ -124,8 +125,8 @@ class NoOptions:
 class BitFit(FedAvg):
     name = "bitfit"
 
-    def spec(self, ctx: CostContext) -> TrainSpec | None:
-        return None
+    def spec(self, ctx: CostContext) -> TrainSpec:
+        return TrainSpec("bitfit", optimizer=ctx.optimizer)
 
     def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
         model.requires_grad_(False)
@@ -146,7 +147,7 @@ class Head(FedAvg):
     name = "head"
     tasks = ("classification",)  # a causal LM has no separate head (tied to the embeddings)
 
-    def spec(self, ctx: CostContext) -> TrainSpec | None:
+    def spec(self, ctx: CostContext) -> TrainSpec:
         return TrainSpec("head", optimizer=ctx.optimizer)
 
     def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module:

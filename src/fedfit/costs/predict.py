@@ -70,6 +70,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -274,6 +275,7 @@ class _Tally:
         self.transient = 0  # most bytes live at once above ``saved`` (relative, this block)
         self.forward = 0
         self.backward = 0
+        self.tangent = 0  # a jvp's tangent FLOPs (forward mode, section Forward mode)
 
     def save(self, numel: int, when: bool = True) -> None:
         if when:
@@ -309,7 +311,17 @@ class _Tally:
         elif kind == "ia3-in":
             self.save(m * n_in)
         trained = kind in ("lora", "ia3-out", "ia3-in")
-        return x_rg or w_rg or trained, w_rg or kind == "lora"
+        out_rg = x_rg or w_rg or trained
+        # Forward mode: the product rule dispatches a term per operand once any operand has
+        # a tangent, zero tangents included; a frozen weight (forward/core._FrozenLinear)
+        # contributes none, and a linear without any tangent runs as a plain one.
+        if kind == "lora" or (kind == "lora-frozen" and x_rg):
+            self.tangent += 2 * 2 * m * rank * (n_in + n_out)
+        if w_rg:
+            self.tangent += 2 * 2 * m * n_in * n_out
+        elif dx:
+            self.tangent += 2 * m * n_in * n_out
+        return out_rg, w_rg or kind == "lora"
 
 
 def _attention(
@@ -332,6 +344,7 @@ def _attention(
     scores_rg = q_rg or k_rg
     t.forward += 2 * 2 * s * d
     t.backward += 2 * s * d * (int(q_rg) + int(k_rg) + int(scores_rg) + int(v_rg))
+    t.tangent += 2 * 2 * s * d * (int(scores_rg) + int(scores_rg or v_rg))
     t.save(qd, k_rg)  # q (contiguous copy) for dk
     t.save(qd, q_rg)  # k for dq
     # the moment of the probabilities' dropout: the q, k, v projections (held by the caller),
@@ -420,7 +433,8 @@ def _llama_block(
     # the moment of silu(gate) * up: the residual h1, the MLP input, SiLU and up outputs and
     # their product are live whether saved or not; the layer holds the probabilities (``_``)
     probs_saved = v_rg if arch.attn_dropout else ctx_rg
-    unsaved = n * h * ((not h1_rg) + (not (g_in or u_in))) + n * i * ((not u_rg) + (not g_rg))
+    unsaved = n * h * ((not h1_rg) + (not (g_in or u_in)))
+    unsaved += n * i * ((not u_rg) + 2 * (not g_rg))  # SiLU output; gate and up outputs
     t.live(t.saved // F32 + unsaved + n * i + s * (not probs_saved))
     t.save(n * i, d_in)
     return t, d_rg or h1_rg, False  # x is counted by the RMSNorm
@@ -543,21 +557,23 @@ def _numel(shape: Shape) -> int:
     return count
 
 
-DTYPES = {"F32": 4, "I32": 4, "I64": 8}
+# bytes per element, and the rank by which safetensors orders the data (larger dtypes first)
+DTYPES = {"I64": (8, 2), "F32": (4, 1), "I32": (4, 0)}
+Named = tuple[str, Shape] | tuple[str, Shape, str]
 
 
-def safetensors_bytes(tensors: list[tuple[str, Shape]] | list[tuple[str, Shape, str]]) -> int:
+def safetensors_bytes(tensors: Sequence[Named]) -> int:
     """Exact size of ``safetensors.torch.save`` of tensors with these names and shapes (and
     dtypes: "F32" unless a third item says "I32" or "I64").
 
-    Layout: an 8-byte little-endian header length, a JSON header (tensors in name order, each
-    with dtype, shape and data offsets; no spaces) padded with spaces to a multiple of 8, then
-    the raw data.
+    Layout: an 8-byte little-endian header length, a JSON header (each tensor with dtype,
+    shape and data offsets; no spaces) padded with spaces to a multiple of 8, then the raw
+    data, ordered by dtype (larger first) then name: that order sets the offsets' digits.
     """
+    typed = [(t[0], t[1], t[2] if len(t) == 3 else "F32") for t in tensors]
     header, offset = 1, 0  # "{" (the "}" takes the place of the last entry's comma)
-    for name, shape, *rest in sorted(tensors):
-        dtype = rest[0] if rest else "F32"
-        end = offset + DTYPES[dtype] * _numel(shape)
+    for name, shape, dtype in sorted(typed, key=lambda t: (-DTYPES[t[2]][1], t[0])):
+        end = offset + DTYPES[dtype][0] * _numel(shape)
         dims = ",".join(map(str, shape))
         header += len(
             f'"{name}":{{"dtype":"{dtype}","shape":[{dims}],"data_offsets":[{offset},{end}]}},'
@@ -619,7 +635,8 @@ class _Passes:
 
     activations: int  # backprop: max(forward peak, backward peak) (section Activations)
     forward_flops: tuple[int, ...]  # per block, then the top (pooler / norm + head)
-    backward_flops: int  # backprop's backward; also a jvp's tangent FLOPs
+    backward_flops: int  # backprop's backward
+    tangent_flops: int  # a jvp's tangent FLOPs (beyond its primal forward)
     inference_peak: int  # a forward without graph (no_grad), above the weights
     jvp_peak: int  # a forward on dual numbers (primal + tangent), above the weights
 
@@ -635,8 +652,13 @@ def _passes(
     # live through the whole forward, freed when it returns: the 4-D float attention mask
     # (BERT builds it only for a padded batch; Llama's causal mask always), Llama's cos / sin
     forward_only = F32 * b * tokens * tokens if (padded or arch.family == "llama") else 0
-    inference = jvp = forward_only  # forward-only passes keep nothing but these
-    saved = forward_peak = backward = 0
+    x = F32 * n * h  # the hidden state handed from block to block
+    # Forward-only passes (inference, jvp) save nothing: the mask and the embedding output
+    # (held by the model's forward) sit below the moment of the block being computed.
+    base = forward_only + x
+    tangent = 2 if layout.rg_from == 0 else 1  # a jvp doubles every tensor from its tangent on
+    inference = jvp = 0
+    saved = forward_peak = backward = tangent_flops = 0
     forward: list[int] = []
     x_rg = layout.rg_from == 0
     if arch.family == "bert" and x_rg:  # embeddings LayerNorm (+ its dropout mask)
@@ -645,32 +667,33 @@ def _passes(
         rope = 2 * F32 * n * arch.head_dim
         # q * cos and rotate_half(q) * sin keep cos and sin only when something is trained
         saved += rope if (full or spec.kind in ("lora", "layers", "ia3")) else 0
-    x = F32 * n * h  # the hidden state handed from block to block
-    tangent = 2 if x_rg else 1  # a jvp carries a tangent beside every primal from here on
     seen: dict[Any, tuple[_Tally, bool, bool]] = {}  # blocks differ only by these
     for i, (w_rg, adapters) in enumerate(layout.blocks):
         x_rg = x_rg or layout.rg_from == i
         key = (x_rg, w_rg, adapters)
         if key not in seen:
             seen[key] = block(arch, b, tokens, x_rg, w_rg, dict(adapters))
-        frozen_key = (False, False, adapters)
+        # the same block with nothing trained: the moments of a pass that saves nothing
+        untrained = tuple((p, ("lora-frozen", r)) for p, (k, r) in adapters if k.startswith("lora"))
+        frozen_key = (False, False, untrained)
         if frozen_key not in seen:
-            seen[frozen_key] = block(arch, b, tokens, False, False, dict(adapters))
+            seen[frozen_key] = block(arch, b, tokens, False, False, dict(untrained))
         t, out_rg, in_saved = seen[key]
         plain = seen[frozen_key][0]
         if i == 0 and not (in_saved or (arch.family == "llama" and x_rg)):
             # the embedding output stays referenced by the model's forward until it returns
             forward_only += x
-        if i == 0:
-            inference += x
-            jvp += x * tangent
         forward_peak = max(forward_peak, forward_only + saved + x + t.transient)
-        inference = max(inference, forward_only + x + plain.transient)
+        inference = max(inference, base + x + plain.transient)
         tangent = 2 if (x_rg or out_rg) else 1
-        jvp = max(jvp, forward_only + tangent * (x + plain.transient))
+        # the scores' product rule holds its two terms and the primal at once: one more
+        # score-sized tensor than twice the inference moment
+        scores = F32 * b * arch.heads * tokens * tokens if tangent == 2 else 0
+        jvp = max(jvp, base + tangent * (x + plain.transient) + scores)
         saved += t.saved + (x if in_saved else 0)
         forward.append(t.forward)
         backward += t.backward
+        tangent_flops += t.tangent
         x_rg = out_rg
     head_rg, top_rg = layout.head_rg, layout.top_rg
     t = _Tally()
@@ -708,15 +731,17 @@ def _passes(
         backward_extra = F32 * max(n * h, 2 * n * (out if task == "lm" else 0))
     forward.append(t.forward)
     backward += t.backward
+    tangent_flops += t.tangent
     saved += t.saved
     forward_peak = max(forward_peak, forward_only + saved + x)
-    base = F32 * b * tokens * tokens if (padded or arch.family == "llama") else 0
     inference = max(inference, base + x + top_live)
-    jvp = max(jvp, base + tangent * (x + top_live))
+    # log_softmax's tangent needs exp(output) beside both logits and both outputs
+    jvp = max(jvp, base + tangent * (x + top_live) + F32 * n * arch.vocab * (task == "lm"))
     return _Passes(
         activations=max(forward_peak, saved + backward_extra),
         forward_flops=tuple(forward),
         backward_flops=backward,
+        tangent_flops=tangent_flops,
         inference_peak=inference,
         jvp_peak=jvp,
     )
@@ -769,9 +794,9 @@ def _static_costs(
 
 # Zero-order perturbation (zeroorder/core.py) keeps 3 bytes (int16 offset + int8 bit
 # difference) per element that ``(p + d) - d`` does not bring back; the fraction of such
-# elements depends on the weights and eps (4% of MiniLM's at eps 1e-3, 7% of a random
-# BERT's, measured): the model takes the larger.
-ZO_FIXED_FRACTION = 0.07
+# elements depends on the weights and eps (4% of MiniLM's at eps 1e-3, 7.5% of random
+# tiny-bert's and tiny-llama's, 1-2% of LoRA's, whose B starts at 0): the model takes 7.5%.
+ZO_FIXED_FRACTION = 0.075
 ZO_FIX_BYTES = 3
 
 
@@ -803,17 +828,18 @@ def _step_costs(
     if spec.step == "backprop":
         return passes.activations, forward + passes.backward_flops
     if spec.step == "jvp":  # K tangents and the estimate live through the K dual passes
-        return passes.jvp_peak + (k + 1) * trained_bytes, k * (forward + passes.backward_flops)
+        return passes.jvp_peak + (k + 1) * trained_bytes, k * (forward + passes.tangent_flops)
     if spec.step == "fd":  # K tangents, the saved tensors and the estimate; 2K + 1 passes
         return passes.inference_peak + (k + 2) * trained_bytes, (2 * k + 1) * forward
     fixes = math.ceil(ZO_FIXED_FRACTION * trained_bytes / F32) * ZO_FIX_BYTES
     if spec.step == "zo":
         return passes.inference_peak + fixes, 2 * k * forward
-    # spzo: block 1's two outputs are kept while block 2 runs its 2 P2 passes on them
+    # spzo: block 1's two outputs are kept while block 2 runs its 2 P2 passes on them; the
+    # one block 2 reads stands where the embedding output stood, the other is extra
     lower = sum(passes.forward_flops[: spec.split])
     upper = forward - lower
     flops = 2 * k * lower + 2 * k * spec.probes2 * upper
-    return passes.inference_peak + 2 * F32 * n * arch.hidden + fixes, flops
+    return passes.inference_peak + F32 * n * arch.hidden + fixes, flops
 
 
 def predict(

@@ -52,7 +52,7 @@ class Baffle(FedFGD):
         return step
 
     def step_kind(self) -> tuple[str, int]:
-        return ("finite-differences", self.opts.tangents)
+        return ("fd", self.opts.tangents)
 
 
 register("baffle", BaffleOptions, "Baffle: central finite differences with K perturbations")(Baffle)

@@ -68,8 +68,17 @@ class FedFGD(FedAvg):
         o = self.opts
         return prepare_peft(o.peft, model, task, self.config, o.r, o.alpha, o.target_modules)
 
-    def spec(self, ctx: CostContext) -> TrainSpec | None:
-        return None  # no analytic cost model for forward-mode steps yet: measured only
+    def spec(self, ctx: CostContext) -> TrainSpec:
+        """The PEFT tensors, K tangents per step (costs/predict.py, section Forward mode)."""
+        o = self.opts
+        return TrainSpec(
+            o.peft,
+            lora_rank=o.r,
+            lora_targets=o.target_modules,
+            optimizer=ctx.optimizer,
+            step=self.step_kind()[0],
+            probes=o.tangents,
+        )
 
     # -- the client side: which tensors, which estimator
 
@@ -96,6 +105,7 @@ class FedFGD(FedAvg):
         return step
 
     def step_kind(self) -> tuple[str, int]:
+        """The meter's kind of step; its first item is TrainSpec's ``step``."""
         return ("jvp", self.opts.tangents)
 
     def client_update(

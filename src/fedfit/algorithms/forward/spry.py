@@ -3,6 +3,7 @@ trainable tensors (package docstring)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,10 @@ from fedfit.algorithms.forward.core import (
 from fedfit.algorithms.forward.fedfgd import FedFGD, ForwardOptions
 from fedfit.algorithms.registry import register
 from fedfit.config import ConfigError
-from fedfit.planning import Plan
+from fedfit.costs.predict import CostEstimate
+from fedfit.costs.spec import TrainSpec
+from fedfit.devices import Budget
+from fedfit.planning import CostContext, Plan, check
 
 log = logging.getLogger("fedfit")
 
@@ -108,6 +112,36 @@ class Spry(FedFGD):
                 self.config.server.optimizer,
             )
         return model
+
+    def spec(self, ctx: CostContext, position: int = 0) -> TrainSpec:
+        """The share of the client at ``position`` of a round's clients (assign_groups); per
+        iteration, its K jvp values are the upload and no optimiser steps on the client."""
+        clients = self.config.data.clients_per_round
+        return dataclasses.replace(
+            super().spec(ctx),
+            share=(position, clients),
+            share_head=self._spry.share_head,
+            upload="jvp" if self._spry.communication == "iteration" else "weights",
+        )
+
+    def plan(self, budget: Budget, ctx: CostContext) -> Plan:
+        """A device does not know its position in a round, so it is planned for the worst
+        share: the most of each predicted cost over the round's positions (the first
+        position holds the lowest group, where tangents start, and the most groups; another
+        may hold the largest tensors). Per iteration a round is one minibatch."""
+        if self._spry.communication == "iteration":
+            ctx = dataclasses.replace(ctx, steps=1)
+        clients = self.config.data.clients_per_round
+        plans = [check(self.spec(ctx, i), budget, ctx) for i in range(clients)]
+        estimates = [p.estimate for p in plans if p.estimate is not None]
+        worst = CostEstimate(
+            *(max(getattr(e, f.name) for e in estimates) for f in dataclasses.fields(CostEstimate))
+        )
+        flops = max(p.flops_per_round for p in plans)
+        ok, reason = budget.fits(
+            ctx.padded(worst.peak_bytes), ctx.padded(flops), worst.upload_bytes
+        )
+        return Plan(ok, reason, plans[0].spec, worst, flops)
 
     def start_round(self, state: ServerState, clients: Sequence[int]) -> None:
         shares = assign_groups(len(self.groups), len(clients))

@@ -25,6 +25,7 @@ global tensors either way (``task.config["start"]``, not sent).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +55,8 @@ from fedfit.algorithms.zeroorder.mezo import (
     trained,
 )
 from fedfit.config import ConfigError
-from fedfit.planning import Plan
+from fedfit.costs.spec import TrainSpec
+from fedfit.planning import CostContext, Plan
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,15 @@ class DeComFL(ZeroOrder):
     @property
     def replay_lr(self) -> float:
         return self.config.server.lr * self.config.train.lr
+
+    def spec(self, ctx: CostContext) -> TrainSpec:
+        """P perturbations per step, the [steps, P] scalars up, and the worst catch-up: a
+        device away since round 0 replays every earlier round's steps x P pairs (none past
+        ``max_catch_up``, where it downloads the weights instead)."""
+        pairs = max(0, self.config.run.rounds - 1) * ctx.steps * self.opts.perturbations
+        if self.opts.max_catch_up and pairs > self.opts.max_catch_up:
+            pairs = self.opts.max_catch_up
+        return dataclasses.replace(super().spec(ctx), upload="decomfl", replay_pairs=pairs)
 
     def base_seed(self, round_: int) -> int:
         return derive(self.config.run.seed, round_)

@@ -34,6 +34,7 @@ with the download (K float32). No clipping of |g| (FedKSeed's code can clip; not
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,7 +70,8 @@ from fedfit.algorithms.zeroorder.mezo import (
     trained,
 )
 from fedfit.config import ConfigError
-from fedfit.planning import Plan
+from fedfit.costs.spec import TrainSpec
+from fedfit.planning import CostContext, Plan
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,15 @@ class FedKSeed(ZeroOrder):
     @property
     def opts(self) -> KSeedOptions:
         return self.options  # type: ignore[return-value]
+
+    def spec(self, ctx: CostContext) -> TrainSpec:
+        """One perturbation per step, a pool index and a scalar per step up, and the worst
+        catch-up replay: a device away since round 0 replays one pair per pool index used,
+        at most every step of every earlier round's clients, at most the pool."""
+        run = self.config
+        earlier = max(0, run.run.rounds - 1) * run.data.clients_per_round * ctx.steps
+        pairs = min(self.opts.num_seeds, earlier)
+        return dataclasses.replace(super().spec(ctx), upload="kseed", replay_pairs=pairs)
 
     def init(self, model: torch.nn.Module) -> ServerState:
         k = self.opts.num_seeds

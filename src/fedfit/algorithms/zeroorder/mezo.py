@@ -146,7 +146,7 @@ def step_coeff(lr: float, g: float, count: int) -> float:
 
 
 class ZeroOrder(FedAvg):
-    """FedAvg plumbing for ZO methods: peft choice, no cost model, eval-mode local steps."""
+    """FedAvg plumbing for ZO methods: peft choice, cost model, eval-mode local steps."""
 
     name = "zeroorder"
 
@@ -155,8 +155,18 @@ class ZeroOrder(FedAvg):
         o: ZOOptions = self.options  # type: ignore[assignment]
         return prepare_peft(o.peft, model, task, self.config, o.r, o.alpha, o.target_modules)
 
-    def spec(self, ctx: CostContext) -> TrainSpec | None:
-        return None  # no analytic cost model for ZO steps yet: measured only
+    def spec(self, ctx: CostContext) -> TrainSpec:
+        """The PEFT tensors, P perturbations per step, in place (costs/predict.py, section
+        Zero order); subclasses say what they upload and replay."""
+        o: ZOOptions = self.options  # type: ignore[assignment]
+        return TrainSpec(
+            o.peft,
+            lora_rank=o.r,
+            lora_targets=o.target_modules,
+            optimizer="sgd",  # the step updates the tensors itself: no optimiser state
+            step="zo",
+            probes=getattr(o, "perturbations", 1),
+        )
 
     def require_replayable_server(self) -> None:
         """Seed-and-scalar methods rebuild the global model on every device by replaying

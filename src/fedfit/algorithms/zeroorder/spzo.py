@@ -34,6 +34,7 @@ clients' example weights and applies the server optimiser.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,7 +68,9 @@ from fedfit.algorithms.zeroorder.mezo import (
     trained,
 )
 from fedfit.config import ConfigError
+from fedfit.costs.spec import TrainSpec
 from fedfit.models import backbone_slots, transformer_layers
+from fedfit.planning import CostContext
 
 
 @dataclass(frozen=True)
@@ -258,6 +261,16 @@ class FedSPZO(ZeroOrder):
         split = SplitModel(model, self.opts.split)  # checks the split now, not mid-run
         self.block_names = (list(split.block1), list(split.block2))
         return model
+
+    def spec(self, ctx: CostContext) -> TrainSpec:
+        """P1 x P2 split perturbations, block 2 from block ``split`` (negative: from the
+        top), the base seed and the scalars up (costs/predict.py, section Zero order)."""
+        o = self.opts
+        layers = int(ctx.model_config.num_hidden_layers)  # type: ignore[attr-defined]
+        split = o.split if o.split >= 0 else layers + o.split
+        return dataclasses.replace(
+            super().spec(ctx), step="spzo", probes=o.p1, probes2=o.p2, split=split, upload="spzo"
+        )
 
     def client_update(
         self, model: torch.nn.Module, task: ClientTask, shard: ClientData, ctx: ClientContext
