@@ -58,3 +58,37 @@ def test_no_client_exceeds_its_budget(tmp_path: Path, method: str) -> None:
 def test_population_where_nobody_fits_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no device of the population fits"):
         run(tiered(tmp_path, "fedavg", "devices.tiers=['small share=1 memory=1/4x']"))
+
+
+# Gradient-free methods at a few tangents / perturbations, so that each run takes seconds.
+GRADIENT_FREE = {
+    "spry": (),
+    "fedfgd": (),
+    "fwdllm": ("method.tangents=2", "method.candidates=4"),
+    "baffle": ("method.tangents=2",),
+    "fedmezo": (),
+    "fedkseed": (),
+    "fedkseed-pro": (),
+    "decomfl": ("method.perturbations=2",),
+    "fedspzo": ("method.p2=2",),
+}
+
+
+@pytest.mark.parametrize("method", list(GRADIENT_FREE))
+def test_gradient_free_clients_stay_within_budget_and_prediction(
+    tmp_path: Path, method: str
+) -> None:
+    """Planned by the cost model, no client of a gradient-free method exceeds its memory
+    budget, and none exceeds its prediction (worst-case shape, worst Spry share, worst
+    catch-up replay) beyond the model's tolerance; uploads are never above the prediction."""
+    fast = ("run.rounds=1", "train.local_steps=1", "data.eval_examples=30")
+    out = run(tiered(tmp_path, method, TIERS, *fast, *GRADIENT_FREE[method]), plots=False)
+    rows = [json.loads(line) for line in (out / "clients.jsonl").read_text().splitlines()]
+    assert rows
+    for r in rows:
+        budget, predicted = r["budget"], r["predicted"]
+        assert r["peak_memory_bytes"] <= budget["memory_bytes"], r
+        assert predicted["peak_memory_bytes"] <= budget["memory_bytes"]
+        assert r["peak_memory_bytes"] <= 1.10 * predicted["peak_memory_bytes"], r
+        assert r["flops"] <= 1.05 * predicted["flops"], r
+        assert r["upload_bytes"] <= predicted["upload_bytes"], r
