@@ -12,7 +12,9 @@ L blocks, V vocabulary; 4 bytes per float32. "rg" = requires grad.
 Weights. All parameters (tied ones once) + buffers: BERT keeps ``position_ids`` and
 ``token_type_ids`` (int64, max_positions each), Llama the rotary ``inv_freq`` and its
 ``original_inv_freq`` copy (d/2 floats each). LoRA adds A (r x in) and B (out x r) per
-adapted linear and, for classification, peft's trainable copy of the head.
+adapted linear and, for classification, peft's trainable copy of the head; IA3 a vector per
+adapted linear (out x 1, or 1 x in for a feed-forward one) and the same head copy. BitFit
+trains every bias and the head, in place.
 
 Grads = trainable bytes. Optimiser state (AdamW): exp_avg + exp_avg_sq (2 x trainable bytes)
 and a float32 step counter per trainable tensor; SGD without momentum keeps nothing.
@@ -52,17 +54,65 @@ FLOPs (what ``FlopCounterMode`` counts: matmuls, 2 per multiply-add). Forward: e
 2 N in out, attention 2 x 2 B a T^2 d. Backward per linear: dW if the weight is trained,
 dX if its input is rg (so the lowest trained block skips dX of q, k, v, and a frozen prefix
 costs forward only); per attention matmul each operand's gradient only if that operand is rg.
-LoRA adds 2 N r (in + out) forward and dA, dB, dB_x, and dA_x when the input is rg.
+LoRA adds 2 N r (in + out) forward and dA, dB, dB_x, and dA_x when the input is rg. IA3
+saves what its vector multiplies (the linear's output, or its input for a feed-forward one,
+whose dX through the frozen weight is then always computed); BitFit makes everything from the
+embeddings' LayerNorm bias on rg while no weight is, so no linear saves its input.
 
-Upload: the safetensors serialisation of the trainable tensors, header included:
-8 + len(JSON header padded with spaces to a multiple of 8) + 4 x trainable params; the header
-is built from the tensor names and shapes the model would have, so it is exact.
+Forward mode (``step="jvp"``, forward/core.py; eval mode, no dropout). One jvp per tangent, on
+dual numbers, saves nothing for a backward pass: the peak is the moment of the block being
+computed, as for inference (below), with every tensor from the first tangent-carrying one on
+doubled (primal + tangent), plus the product rule's second term of the attention scores (one
+more B a T^2 tensor), and for a causal LM the exp(output) that log_softmax's tangent needs
+(N V). Beside it live the K tangents and the estimate (K + 1 x trained bytes); the optimiser
+step is the backprop one. Tangent FLOPs are what torch dispatches: once any operand of a
+matmul carries a tangent, one product per operand, zero tangents included (a tangent-less
+input of a trained linear, a frozen key under a LoRA query), except frozen weights, which
+forward/core._FrozenLinear treats as constants (one product, x_t W); a linear or matmul with
+no tangent on any operand costs only its primal. FwdLLM scores its candidates one at a time
+(element-wise work: no FLOPs counted) and keeps K, so it is costed as K tangents. Spry
+(``share = (position, clients)``) trains the groups ``assign_groups`` gives that position;
+another client's LoRA modules run as untrained adapters (their products only where the
+input carries a tangent). A device is planned for the worst share: the most of each cost over
+the round's positions.
+
+Inference (finite differences, zero order). A no-grad forward saves nothing: its peak is the
+4-D mask + the embedding output (held by the model's forward) + the current hidden state + the
+largest moment of a block (attention: q, k, v and the scores with their softmax; the FFN: its
+input, the GELU / SiLU outputs, and the probabilities the layer still holds) or of the top
+(Llama: the final norm's temporaries, and for a causal LM the logits and their log_softmax).
+Baffle (``"fd"``) keeps K tangents, the saved trained tensors and the estimate (K + 2 x
+trained bytes) and runs 2K + 1 forwards. ZO (``"zo"``: FedMeZO, FedKSeed, DeComFL) perturbs
+in place from a seed (no copy of the weights, no gradients, no optimiser state) and keeps
+only the restore corrections, 3 bytes per element that ``(p + d) - d`` does not bring back
+(``ZO_FIXED_FRACTION``): 2P forwards per step. FedSPZO (``"spzo"``) keeps block 1's two
+outputs while block 2 runs on them (one stands where the embedding output stood: N h extra)
+and costs 2 P1 C1 + 2 P1 P2 C2, with C1 the forward FLOPs of blocks [0, split) and C2 those of
+the rest and the head.
+
+Replay (FedKSeed, DeComFL): a device that missed rounds replays (seed, scalar) pairs on its
+trained tensors, 2 FLOPs per element per pair (zeroorder/core.replay_flops), counted in its
+round (``replay_flops``, added by ``flops_per_round``). The methods' specs take the worst
+catch-up of a run: FedKSeed one pair per pool index used by every earlier round's steps, at
+most the pool; DeComFL every earlier round's steps x P pairs, at most ``max_catch_up``.
+
+Upload: the safetensors serialisation of what is sent, header included:
+8 + len(JSON header padded with spaces to a multiple of 8) + the data; the header is built
+from the tensor names, shapes and dtypes the payload would have (data ordered by dtype, larger
+first, then by name, which sets the offsets), so it is exact. Weights: the trained tensors
+(Spry: the client's share); scalars (:func:`scalar_payload`): Spry per iteration K jvp values,
+FedKSeed an int32 pool index and a float32 scalar per step, DeComFL float32 [steps, P],
+FedSPZO an int64 base seed and float32 [steps, P1] and [steps, P1, P2].
 
 Scope: BERT (classification) and Llama (classification, causal LM) as transformers 5 builds
 them, float32, eager attention, torch's CPU AdamW / SGD (single-tensor path). Measured
 agreement (tests/costs/test_predict.py): FLOPs exact; peak within 2.1% on tiny-bert and
 MiniLM-L6 and 3.3% on tiny-llama; activations within 1% on BERT, within 13% on tiny-llama
 classification with LoRA or head only at small shapes (the peak is weight-dominated there).
+Gradient-free steps, measured through each method's own client update and the engine's meter:
+FLOPs exact (replay included); peak within 2.2% (activations within 12%, lowest on Llama
+classification, where the inference moment is modelled coarsely; ZO's corrections are an
+upper figure for eps <= 1e-3), uploads exact.
 """
 
 from __future__ import annotations
