@@ -92,3 +92,21 @@ def test_gradient_free_clients_stay_within_budget_and_prediction(
         assert r["peak_memory_bytes"] <= 1.10 * predicted["peak_memory_bytes"], r
         assert r["flops"] <= 1.05 * predicted["flops"], r
         assert r["upload_bytes"] <= predicted["upload_bytes"], r
+
+
+def test_every_registered_method_is_planned(tmp_path: Path) -> None:
+    """``fedfit plan``'s rows: a predicted peak, FLOPs and upload for every registered method
+    in every tier, and the budget decides who is in (no method lacks a cost model)."""
+    from fedfit.algorithms.registry import ALGORITHMS
+    from fedfit.engine.plan import plan_rows
+
+    rows = plan_rows(tiered(tmp_path, "fedavg"), tuple(ALGORITHMS))
+    assert {r.method for r in rows} == set(ALGORITHMS)
+    for r in rows:
+        assert r.plan.estimate is not None, r.method
+        assert r.memory and r.flops and r.upload, r.method
+        assert r.plan.ok == (r.memory <= r.budget.memory_bytes), r.method
+    # the 1/2 tier cannot train the full model with backprop; a zero-order step of it is an
+    # inference with the weights perturbed in place
+    fits = {r.method for r in rows if r.tier == "half" and r.plan.ok}
+    assert "fedavg" not in fits and "fedmezo" in fits
