@@ -1,7 +1,8 @@
 """Analytic cost model: peak training memory, FLOPs and upload bytes of one client step.
 
 ``predict`` reads only the Hugging Face config (no model, no tensors): the planner calls it for
-every device x candidate depth / rank, so it must be cheap (tens of microseconds). Its terms
+every device x candidate depth / rank / share, so it must be cheap (well under a millisecond,
+and cached by shape). Its terms
 follow what :func:`fedfit.costs.measure_step` measures on the real step (eager attention,
 float32, train mode, a fresh optimiser as every client update builds one); the tests hold it
 to the measurement (10% on peak memory, 5% on FLOPs).
@@ -517,11 +518,16 @@ class _Tensor:
     path: str = ""
 
 
+BLOCK_PREFIX = {"bert": "bert.encoder.layer", "llama": "model.layers"}
+
+
 def _block_path(arch: _Arch, name: str, group: str) -> str:
-    """The path inside its block of a block parameter's module ("attention.self.query")."""
-    prefix = "bert.encoder.layer." if arch.family == "bert" else "model.layers."
+    """The path of a parameter's module inside its block ("attention.self.query"); above the
+    blocks, inside the backbone ("pooler.dense")."""
     module = name.rsplit(".", 1)[0]
-    return module[len(prefix) + len(group) - len("block.") + 1 :]
+    if group == "top":
+        return module.split(".", 1)[1]
+    return module[len(f"{BLOCK_PREFIX[arch.family]}.{group[6:]}.") :]
 
 
 def _all_trained(
@@ -553,13 +559,9 @@ def _all_trained(
     for name, shape, group in params:
         module = name.rsplit(".", 1)[0]
         base = f"base_model.model.{module}"
-        adapted = group in ("top", "head") or group.startswith("block.")
-        if adapted and group != "head" and name.endswith(".weight") and len(shape) == 2:
-            adapted = _matches(module, targets)
-        else:
-            adapted = False
-        if adapted:
-            path = _block_path(arch, name, group) if group != "top" else "pooler.dense"
+        matrix = name.endswith(".weight") and len(shape) == 2
+        if group not in ("embed", "head") and matrix and _matches(module, targets):
+            path = _block_path(arch, name, group)
             if spec.kind == "lora":
                 out.append(_Tensor(f"{base}.lora_A.default.weight", (r, shape[1]), group, path))
                 out.append(_Tensor(f"{base}.lora_B.default.weight", (shape[0], r), group, path))
@@ -650,6 +652,7 @@ class _Layout:
 
 
 def _layout(arch: _Arch, spec: TrainSpec, task: str, trained: list[_Tensor]) -> _Layout:
+    """Where the gradient (or tangent) starts, and each block's trained weights / adapters."""
     first = {"full": 0, "layers": arch.layers - spec.trained_layers}.get(spec.kind, arch.layers)
     names = {t.name for t in trained}
     rg_from = 0 if spec.kind == "full" else arch.layers
@@ -667,7 +670,7 @@ def _layout(arch: _Arch, spec: TrainSpec, task: str, trained: list[_Tensor]) -> 
         if spec.kind == "lora":
             for path, *_ in _linears(arch):
                 if _matches(path, spec.targets(arch.family)):
-                    prefix = "bert.encoder.layer" if arch.family == "bert" else "model.layers"
+                    prefix = BLOCK_PREFIX[arch.family]
                     a = f"base_model.model.{prefix}.{i}.{path}.lora_A.default.weight"
                     adapters[path] = ("lora" if a in names else "lora-frozen", spec.lora_rank)
         elif spec.kind == "ia3":
@@ -691,9 +694,12 @@ class _Passes:
     jvp_peak: int  # a forward on dual numbers (primal + tangent), above the weights
 
 
+@functools.lru_cache(maxsize=4096)
 def _passes(
     arch: _Arch, task: str, num_labels: int, spec: TrainSpec, b: int, tokens: int, padded: bool
 ) -> _Passes:
+    """One forward pass of the step's shape, block by block: backprop's saved tensors and
+    peaks, the inference and jvp moments, and the matmul FLOPs of each (module docstring)."""
     n, h = b * tokens, arch.hidden
     full = spec.kind == "full"
     trained = _share(_all_trained(arch, spec, task, _parameters(arch, task, num_labels)), spec)
