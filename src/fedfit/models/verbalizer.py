@@ -30,12 +30,26 @@ it does, bit for bit. A label word must be ONE token of the model's tokenizer (a
 several tokens would need a product of conditionals over positions); it is an error naming
 the word and its pieces, as is the wrong number of words or a model that is not a causal LM.
 
-Measured zero-shot held-out accuracy on tweets (``data.eval_examples = 2000``, prompt
-``"Tweet: {text}\\nSentiment:"``; 3 classes: majority class 0.42 negative; binary
-``data.labels = ["negative", "positive"]``: majority 0.70):
+Measured zero-shot held-out accuracy on tweets (CPU, float32; the engine's seed-0 subset of
+held-out examples: ``data.eval_examples = 1000`` for smollm2-135m, all 3720 / 2277 for
+smollm2-19m; binary is ``data.labels = ["negative", "positive"]`` with the first and last
+word; the share each class is predicted in brackets):
 
-    model          words                              3-class   binary
-    smollm2-135m   " negative" " neutral" " positive"  see README (filled in below)
+    prompt "Tweet: {text}\\nSentiment:"        3-class (maj. 0.41-0.43)   binary (maj. 0.70-0.71)
+    smollm2-135m " negative/ neutral/ positive"  0.339 (pos 72%, neu 0%)   0.560 (pos 63%)
+    smollm2-135m " bad/ normal/ good"            0.291 (good 81%)          0.462
+    smollm2-19m  " negative/ mixed/ positive"    0.397 (mixed 59%)         0.624
+    smollm2-19m  " bad/ normal/ good"            0.291                     0.418
+    SmolLM2's chat template, "<|im_start|>user\\nIs this tweet negative, neutral or
+    positive?\\n{text}<|im_end|>\\n<|im_start|>assistant\\n", 500 held-out examples:
+    smollm2-135m "negative/neutral/positive"     0.350 (neg 61%, neu 0%)   0.642 (maj. 0.668)
+    prompt "Tweet: {text} Sentiment:" (one line), 300 held-out examples:
+    smollm2-135m " negative/ neutral/ positive"  0.433 (maj. 0.407)        0.737 (maj. 0.667)
+Only the one-line prompt beats the majority class (by 3 and 7 points, on 300 examples: +-3);
+with the others the next-token prior favours one word (" positive" for smollm2-135m) whatever
+the tweet, and no model ever predicts the middle class. The start is task-aligned (the right
+output space, a loss near the LM's own) more than accurate; calibrating the words' prior
+(Zhao et al. 2021) is not implemented. smollm2-19m splits " neutral" into two tokens.
 """
 
 from __future__ import annotations
