@@ -18,7 +18,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from fedfit.config import Config
-from fedfit.engine.local import run
+from fedfit.engine.local import resume_run, run
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,7 +33,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_and_read(config: Config) -> dict[str, Any]:
+def run_and_read(config: Config, resume: bool = False) -> dict[str, Any]:
     """Run ``config`` (overwriting its run folder) and return its figures: the curve of
     evaluations (round, accuracy or perplexity, eval loss, cumulative training-only wall time, cumulative
     client FLOPs and upload bytes), the final and best accuracy (or perplexity), the majority baseline and
@@ -47,7 +47,12 @@ def run_and_read(config: Config) -> dict[str, Any]:
             shown = f", {key} {evaluation[key]:.3f}"
         log(f"    round {round_}/{total}{shown} ({time.perf_counter() - t0:.0f} s)")
 
-    run_dir = run(config, overwrite=True, progress=progress, plots=False)
+    run_dir = Path(config.run.output_dir) / config.run.name
+    if resume and _resumable(run_dir, config):
+        # the same config stopped part-way: continue it (resume_run re-reads config.toml)
+        run_dir = resume_run(run_dir, progress=progress, plots=False)
+    else:
+        run_dir = run(config, overwrite=True, progress=progress, plots=False)
     summary = json.loads((run_dir / "summary.json").read_text())
     timing = {r["round"]: r for r in read_jsonl(run_dir / "timing.jsonl")}
     # classification: accuracy; causal LM: perplexity (the curve and final/best use its name)
@@ -62,9 +67,17 @@ def run_and_read(config: Config) -> dict[str, Any]:
                  "upload_bytes": r["cum_upload_bytes"], "train_s": round(train_s, 2)}
             )  # fmt: skip
     per_client = summary["per_client"]
+    start = summary.get("start") or {}
     return {
         "run_dir": str(run_dir),
         "metric": metric,
+        f"start_{metric}": start.get(metric),
+        "start_loss": start.get("loss"),
+        "prior_loss": summary.get("prior_loss"),
+        "learned": summary.get("learned"),
+        "rounds": summary["rounds_completed"],
+        "cum_client_flops": summary["cum_client_flops"],
+        "cum_upload_bytes": summary["cum_upload_bytes"],
         f"final_{metric}": summary["final"][metric],
         "final_loss": summary["final"]["loss"],
         f"best_{metric}": summary["best"][metric],
@@ -78,6 +91,20 @@ def run_and_read(config: Config) -> dict[str, Any]:
         "download_bytes_per_client": per_client["download_bytes_mean"],
         "process_wall_s": round(time.perf_counter() - t0, 1),
     }
+
+
+def _resumable(run_dir: Path, config: Config) -> bool:
+    """A run folder holding a checkpoint of this very config (a benchmark cell stopped
+    part-way) that has not finished yet."""
+    from fedfit.config import to_toml
+
+    saved = run_dir / "config.toml"
+    if not (run_dir / "checkpoint.pt").exists() or not saved.exists():
+        return False
+    if saved.read_text() != to_toml(config):
+        return False
+    done = read_jsonl(run_dir / "rounds.jsonl")
+    return not done or done[-1]["round"] < config.run.rounds
 
 
 def fill_sizes(args: Any, sizes: dict[str, Any]) -> None:

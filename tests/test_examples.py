@@ -78,19 +78,7 @@ def tiny_overrides(config: Config, tmp_path: Path) -> list[str]:
     return overrides
 
 
-def smoke_case(path: Path) -> object:
-    config = load_config(path)
-    if config.model.head_init != "ncm":
-        return path
-    # The federated class-mean head is being built in the engine right now; until it lands
-    # a run may ignore or refuse it. Only this case is allowed to fail.
-    return pytest.param(
-        path,
-        marks=pytest.mark.xfail(strict=False, reason="model.head_init = 'ncm' in progress"),
-    )
-
-
-@pytest.mark.parametrize("path", [smoke_case(p) for p in EXAMPLES], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs_one_round_on_a_tiny_model(path: Path, tmp_path: Path) -> None:
     config = load_config(path)
     tiny = load_config(path, tiny_overrides(config, tmp_path))

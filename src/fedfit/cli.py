@@ -51,16 +51,26 @@ def _final_line(run_dir: Path) -> None:
 
     summary = json.loads((run_dir / "summary.json").read_text())
     final = summary.get("final") or {}
+    start = summary.get("start") or {}
     if "accuracy" in final:
         base = summary.get("majority_baseline")
         console.print(
             f"[bold green]final accuracy {final['accuracy']:.4f}[/] "
-            f"(majority-class baseline {base:.4f}) after {summary['rounds_completed']} rounds, "
-            f"{summary['wall_s']:.0f} s"
+            f"(round 0: {start.get('accuracy', float('nan')):.4f}; majority-class baseline "
+            f"{base:.4f}) after {summary['rounds_completed']} rounds, {summary['wall_s']:.0f} s"
         )
+        if summary.get("prior_loss") is not None:
+            console.print(
+                f"eval loss {final['loss']:.4f} (round 0: {start.get('loss', float('nan')):.4f};"
+                f" class-prior cross-entropy {summary['prior_loss']:.4f})"
+                + ("" if summary.get("learned") is not False else ": it did not learn")
+            )
         _central_line(run_dir, "accuracy")
     elif "perplexity" in final:
-        console.print(f"[bold green]final perplexity {final['perplexity']:.2f}[/]")
+        console.print(
+            f"[bold green]final perplexity {final['perplexity']:.2f}[/] "
+            f"(round 0: {start.get('perplexity', float('nan')):.2f})"
+        )
         _central_line(run_dir, "perplexity")
     console.print(f"results in {run_dir}")
 

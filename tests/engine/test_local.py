@@ -46,7 +46,7 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
         stop_after=1,
         plots=False,
     )
-    assert len(rows(part / "rounds.jsonl")) == 1
+    assert len(rows(part / "rounds.jsonl")) == 2  # round 0 (the start) and round 1
     resumed = resume_run(part, plots=False)
     assert (resumed / "rounds.jsonl").read_bytes() == (full / "rounds.jsonl").read_bytes()
     s_full = json.loads((full / "summary.json").read_text())
@@ -57,13 +57,13 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
 def test_run_folder_contents(tmp_path: Path) -> None:
     out = run(tiny(tmp_path, "run.name=r"))
     rs, cs = rows(out / "rounds.jsonl"), rows(out / "clients.jsonl")
-    assert [r["round"] for r in rs] == [1, 2, 3] and len(cs) == 9
+    assert [r["round"] for r in rs] == [0, 1, 2, 3] and len(cs) == 9
     for c in cs:
         mem = c["memory"]
         assert c["flops"] > 0 and c["upload_bytes"] > 0 and c["download_bytes"] > 0
         assert mem["peak_bytes"] >= mem["weights_bytes"] > 0 and mem["grads_bytes"] > 0
     # the round's upload is the sum of its clients' measured payload sizes
-    assert rs[0]["upload_bytes"] == sum(c["upload_bytes"] for c in cs if c["round"] == 1)
+    assert rs[1]["upload_bytes"] == sum(c["upload_bytes"] for c in cs if c["round"] == 1)
     summary = json.loads((out / "summary.json").read_text())
     assert 0 <= summary["final"]["accuracy"] <= 1 and summary["majority_baseline"] > 0.3
     assert list((out / "plots").glob("*.png"))

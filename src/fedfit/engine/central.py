@@ -5,7 +5,14 @@ all; this trains one model for that many steps of the same batch size, optimiser
 rate on the union of the clients' data, with the same trainable tensors (the method's
 ``prepare``). It is the upper reference a federated run is compared with. It writes a run
 folder like a federated run (``runs/NAME-central``) with one row per round-equivalent of
-steps, so ``fedfit compare`` overlays it.
+steps, so ``fedfit compare`` overlays it, and a round 0 with the starting model's evaluation
+(after the class-mean head when ``model.head_init = "ncm"``, computed on the pooled data).
+
+Backprop methods train with backprop on the pooled data (one optimiser for the whole run).
+Gradient-free methods (forward gradients, finite differences, zero-order) use their own
+estimator instead, so a ZO config has a ZO reference: each round-equivalent is one
+``client_update`` of a single client holding the pooled data, folded in by the method's
+``aggregate``.
 """
 
 from __future__ import annotations
@@ -18,11 +25,18 @@ from typing import Any
 
 import numpy as np
 
-from fedfit.algorithms.base import ClientData, batch_indices, make_optimizer
-from fedfit.config import Config, to_toml
+from fedfit.algorithms.base import (
+    ClientContext,
+    ClientData,
+    ServerState,
+    batch_indices,
+    load_tensors_,
+    make_optimizer,
+)
+from fedfit.config import Config, TrainConfig, to_toml
 from fedfit.engine.local import ProgressFn, RunExistsError, _append, _summary
 from fedfit.engine.meter import CostMeter
-from fedfit.engine.setup import build, derive_seed, evaluate
+from fedfit.engine.setup import RunSetup, build, derive_seed, evaluate
 
 
 def steps_per_round(config: Config, shards: list[ClientData]) -> int:
@@ -33,6 +47,38 @@ def steps_per_round(config: Config, shards: list[ClientData]) -> int:
         mean_size = float(np.mean([len(s) for s in shards]))
         per_client = max(1, round(config.train.local_epochs * mean_size / config.train.batch_size))
     return per_client * config.data.clients_per_round
+
+
+def own_estimator(setup: RunSetup) -> bool:
+    """Gradient-free methods (forward gradients, finite differences, zero-order) are their
+    own reference: their centralised run uses their estimator, not backprop."""
+    from fedfit.algorithms.forward.fedfgd import FedFGD
+    from fedfit.algorithms.zeroorder.mezo import ZeroOrder
+
+    return isinstance(setup.algorithm, FedFGD | ZeroOrder)
+
+
+def _estimator_chunk(
+    setup: RunSetup,
+    state: ServerState,
+    pooled: ClientData,
+    chunk: TrainConfig,
+    meter: CostMeter,
+    round_: int,
+    seed: int,
+) -> tuple[ServerState, list[float]]:
+    """``per_round`` steps of the method's own estimator: one ``client_update`` of a single
+    client holding the pooled data, folded in by the method's ``aggregate`` (one update: the
+    server optimiser of the config sees exactly that client's change). The optimiser state of
+    the steps restarts with each chunk, as in every client update."""
+    algorithm = setup.algorithm
+    algorithm.start_round(state, [pooled.client_id])
+    task = algorithm.configure(state, pooled.client_id, seed, setup.plans[0])
+    ctx = ClientContext(train=chunk, meter=meter)
+    update = algorithm.client_update(setup.model, task, pooled, ctx)
+    state = algorithm.aggregate(state, [update])
+    steps = int(update.metrics.get("steps", 0))
+    return state, [float(update.metrics.get("train_loss", np.nan))] * max(steps, 1)
 
 
 def run_central(
@@ -66,17 +112,38 @@ def run_central(
     model.train()
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config.train)
     meter = CostMeter()
+    estimator = own_estimator(setup)
+    state: ServerState | None = setup.algorithm.init(model)
+    if config.model.head_init == "ncm":  # the same start as the federated run: class means
+        from fedfit.engine.head_init import ncm_round
+
+        assert state is not None
+        state = ncm_round(setup, state, setup.eligible)[0]
+        load_tensors_(model, state.params)
+    state = state if estimator else None
     wall = time.perf_counter() - t_start
     rows: list[dict[str, Any]] = []
+    start = evaluate(model, setup.test, config.train.eval_batch_size)
+    if setup.prior_loss is not None:
+        start["prior_loss"] = setup.prior_loss
+    rows.append(
+        {"round": 0, "num_clients": 0, "train_loss": None, "upload_bytes": 0,
+         "download_bytes": 0, "client_flops": 0, "cum_upload_bytes": 0,
+         "cum_download_bytes": 0, "cum_client_flops": 0, "eval": start}
+    )  # fmt: skip
+    _append(run_dir / "rounds.jsonl", rows[0])
     for round_ in range(1, config.run.rounds + 1):
         t0 = time.perf_counter()
         model.train()
         meter.start_client()
         seed = derive_seed(config.run.seed, round_)
-        losses = [
-            meter.train_step(model, optimizer, pooled.batch(index))
-            for index in batch_indices(len(pooled), chunk, seed)
-        ]
+        if state is not None:
+            state, losses = _estimator_chunk(setup, state, pooled, chunk, meter, round_, seed)
+        else:
+            losses = [
+                meter.train_step(model, optimizer, pooled.batch(index))
+                for index in batch_indices(len(pooled), chunk, seed)
+            ]
         row: dict[str, Any] = {
             "round": round_,
             "num_clients": 1,
@@ -89,7 +156,11 @@ def run_central(
             "cum_client_flops": meter.flops + (rows[-1]["cum_client_flops"] if rows else 0),
         }
         if round_ % config.run.eval_every == 0 or round_ == config.run.rounds:
+            if state is not None:
+                load_tensors_(model, state.params)
             row["eval"] = evaluate(model, setup.test, config.train.eval_batch_size)
+            if setup.prior_loss is not None:
+                row["eval"]["prior_loss"] = setup.prior_loss
         wall += time.perf_counter() - t0
         _append(run_dir / "rounds.jsonl", row)
         _append(run_dir / "timing.jsonl", {"round": round_, "wall_s": round(wall, 3)})
@@ -99,5 +170,8 @@ def run_central(
     summary = _summary(setup, rows, [], wall)
     summary["method"] = f"central-{config.method.name}"
     summary["steps"] = per_round * config.run.rounds
+    summary["estimator"] = (
+        "the method's own (one client on the pooled data)" if estimator else ("backprop")
+    )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return run_dir

@@ -442,6 +442,7 @@ def server_main(
     nodes = discover_nodes(grid, setup.eligible)
     log(f"flower: {len(nodes)} nodes hold the run's clients")
     book.add_wall(time.perf_counter() - t_start)
+    state = book.start(state)  # round 0: the starting model evaluated
     strategy = FedfitStrategy(setup, state, book, nodes)
     strategy.start(grid, to_arrays(state.params), num_rounds=config.run.rounds)
     return book.finish(plots)

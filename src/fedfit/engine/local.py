@@ -361,6 +361,12 @@ def _summary(
         return -r["eval"]["perplexity"] if lm else r["eval"]["accuracy"]
 
     best = max(evals, key=score) if evals else None
+    start = next((r["eval"] for r in evals if r["round"] == 0), None)
+    final = evals[-1]["eval"] if evals else None
+    gain = None
+    if start is not None and final is not None:
+        metric = "perplexity" if lm else "accuracy"
+        gain = {metric: final[metric] - start[metric], "loss": final["loss"] - start["loss"]}
     trainable = sum(p.numel() for p in setup.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in setup.model.parameters())
     return {
@@ -371,9 +377,15 @@ def _summary(
         "task": setup.task,
         "server_optimizer": cfg.server.optimizer,
         "rounds_completed": rounds[-1]["round"] if rounds else 0,
-        "final": evals[-1]["eval"] if evals else None,
+        "start": start,
+        "final": final,
         "best": dict(best["eval"], round=best["round"]) if best else None,
+        "gain_over_start": gain,
+        "learned": _learned(start, final, setup.prior_loss, lm),
         "majority_baseline": majority_baseline(setup.test),
+        "prior_loss": setup.prior_loss,
+        "head_init": cfg.model.head_init,
+        "labels": list(setup.dataset.label_names) if not lm else None,
         "wall_s": round(wall_s, 2),
         "num_clients": cfg.data.num_clients,
         "excluded_clients": len(setup.excluded),
@@ -384,6 +396,24 @@ def _summary(
         "cum_client_flops": sum(r["client_flops"] for r in rounds),
         "per_client": _per_client(clients),
     }
+
+
+def _learned(
+    start: dict[str, Any] | None,
+    final: dict[str, Any] | None,
+    prior_loss: float | None,
+    lm: bool,
+) -> bool | None:
+    """Did the run learn? Its final eval loss is below its round-0 loss and, for
+    classification, below the class-prior cross-entropy (the loss of predicting the training
+    class frequencies, which a model reaches without reading the text); None without both
+    evaluations."""
+    if start is None or final is None or final is start:
+        return None
+    below_start = final["loss"] < start["loss"]
+    if lm or prior_loss is None:
+        return bool(below_start)
+    return bool(below_start and final["loss"] < prior_loss)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -440,9 +470,11 @@ def run(
         state = setup.algorithm.init(setup.model)
         run_clients = pool.start(setup) if pool is not None else None
         book = RunLog(run_dir, setup, progress)
+        book.add_wall(time.perf_counter() - t_start)
         if resume:
             state = book.resume()
-        book.add_wall(time.perf_counter() - t_start)
+        else:
+            state = book.start(state)
         meter = CostMeter()
         last = config.run.rounds if stop_after is None else min(config.run.rounds, stop_after)
         for round_ in range(state.round + 1, last + 1):
@@ -503,6 +535,27 @@ class RunLog:
     def add_wall(self, seconds: float) -> None:
         self.wall += seconds
 
+    def start(self, state: ServerState) -> ServerState:
+        """Round 0, before any training: the class-mean head's federated round when
+        ``model.head_init = "ncm"`` (engine/head_init.py), then the starting model's
+        evaluation, recorded like any round; returns the state round 1 starts from."""
+        from fedfit.engine.head_init import ncm_round, start_row
+
+        t0 = time.perf_counter()
+        config, setup = self.setup.config, self.setup
+        if config.model.head_init == "ncm":
+            k = config.model.head_init_clients
+            clients = (
+                setup.eligible
+                if not k or k >= len(setup.eligible)
+                else sample_clients(config.run.seed, 0, setup.eligible, k)
+            )
+            state, client_rows, row = ncm_round(setup, state, clients)
+        else:
+            client_rows, row = [], start_row()
+        self.record(state, client_rows, row, time.perf_counter() - t0)
+        return state
+
     def record(
         self,
         state: ServerState,
@@ -516,6 +569,8 @@ class RunLog:
             t1 = time.perf_counter()
             load_tensors_(setup.model, state.params)
             row["eval"] = evaluate(setup.model, setup.test, config.train.eval_batch_size)
+            if setup.prior_loss is not None:
+                row["eval"]["prior_loss"] = setup.prior_loss
             eval_s = time.perf_counter() - t1
         self.wall += train_s + eval_s
         for k in CUMULATIVE:

@@ -37,6 +37,8 @@ class RunSetup:
     plans: list[Plan]
     excluded: dict[int, str]  # client id -> why it fits nothing
     channel: Channel  # serialisation and optional quantisation of what crosses the network
+    # Held-out cross-entropy of predicting the training class frequencies (None for LM).
+    prior_loss: float | None = None
 
     @property
     def eligible(self) -> list[int]:
@@ -169,6 +171,13 @@ def build(config: Config) -> RunSetup:
             f"{len(excluded)} of {len(plans)} clients excluded: they fit no configuration "
             f"of {config.method.name} within their budget"
         )
+    check_head_init(config, model, plans, algorithm)
+    prior = None
+    if not lm and test.labels is not None:
+        from fedfit.engine.head_init import prior_loss
+
+        pooled = np.concatenate([s.labels for s in shards if s.labels is not None])
+        prior = prior_loss(pooled, test.labels, num_labels)
     return RunSetup(
         config,
         dataset,
@@ -182,7 +191,40 @@ def build(config: Config) -> RunSetup:
         plans,
         excluded,
         channel,
+        prior,
     )
+
+
+def check_head_init(
+    config: Config, model: torch.nn.Module, plans: list[Plan], algorithm: Algorithm
+) -> None:
+    """``model.head_init = "ncm"`` needs a classifier head, and a head that reaches every
+    client: the global state carries it unless it is frozen, and a frozen head set on the
+    server's model reaches only the local executor's clients, which share that model."""
+    if config.model.head_init != "ncm":
+        return
+    from fedfit.config import ConfigError
+    from fedfit.engine.head_init import head_module
+
+    if config.data.prompt:
+        raise ConfigError(
+            "model.head_init: 'ncm' would overwrite the label words' rows that data.prompt "
+            "classifies with (the prompt is the task-aligned start); use head_init = 'random'"
+        )
+    try:
+        _, linear = head_module(model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if config.run.executor == "flower":
+        raise ConfigError(
+            "model.head_init: 'ncm' runs its round 0 in the server's process, which in a "
+            "Flower deployment holds no client data; use run.executor = 'local' or 'ray'"
+        )
+    if config.run.executor != "local" and not linear.weight.requires_grad:
+        raise ConfigError(
+            f"model.head_init: {config.method.name} keeps the head frozen, so the class-mean "
+            "head would not reach Ray actors; use run.executor = 'local'"
+        )
 
 
 def make_channel(config: Config) -> Channel:
