@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from common import ROOT, log, run_and_read
+from matplotlib.figure import Figure
 
 from fedfit.config import Config, load_config
+from fedfit.report import format_bytes, format_flops
 
 RUNS = ROOT / "runs" / "bench"
 
@@ -47,14 +49,18 @@ class Cell:
 
 
 class Ledger:
-    """The result JSON, rewritten after every finished cell."""
+    """The result JSON, rewritten after every finished cell. ``header["base"]`` (the --set
+    strings every cell shares) decides whether a file's finished cells still apply."""
 
     def __init__(self, path: Path, header: dict[str, Any]):
         self.path = path
         self.data: dict[str, Any] = {"cells": {}}
         if path.exists():
-            self.data = json.loads(path.read_text())
-            self.data.setdefault("cells", {})
+            # Finished cells carry over only from a ledger of the same setting; anything else
+            # in the file (an older benchmark's result) is rebuilt from the cells.
+            old = json.loads(path.read_text())
+            if old.get("base") == header.get("base"):
+                self.data["cells"] = old.get("cells", {})
         self.data.update(header)
         self.data["command"] = "python " + shlex.join(
             [str(Path(sys.argv[0]).resolve().relative_to(ROOT)), *sys.argv[1:]]
@@ -112,6 +118,21 @@ def pick(points: list[dict[str, Any]]) -> dict[str, Any] | None:
     return min(finite, key=lambda p: p["final_loss"]) if finite else None
 
 
+def sweep(
+    run_point: Callable[[float, float | None], dict[str, Any]],
+    lrs: Sequence[float],
+    eps_values: Sequence[float | None],
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """A two-stage sweep: every lr at the first eps, then the other eps values at the best
+    lr (ZO is far more sensitive to lr than to eps in float32, so this finds the same winner
+    as the full grid in len(lrs) + len(eps) - 1 runs). Returns (points, winner)."""
+    points = [run_point(lr, eps_values[0]) for lr in lrs]
+    best = pick(points)
+    if best is not None:
+        points += [run_point(best["lr"], eps) for eps in eps_values[1:]]
+    return points, pick(points)
+
+
 def at_edge(value: float, grid: Sequence[float]) -> bool:
     """Whether a chosen value is the smallest or largest of a grid of more than one point."""
     return len(grid) > 1 and value in (min(grid), max(grid))
@@ -128,3 +149,60 @@ def pct(x: float | None) -> str:
 
 def num(x: float | None, digits: int = 3) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def learned(row: dict[str, Any]) -> bool:
+    """The issue's bar: at least 3 points above its own round 0, and an eval loss below the
+    class-prior cross-entropy (below it, the model uses the text, not just the class
+    frequencies)."""
+    gain = row["final_accuracy"] - row["start_accuracy"]
+    return bool(gain >= 0.03 and row["final_loss"] < row["prior_loss"])
+
+
+def rows_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The long runs: start, end, gain and what they cost."""
+    lines = [
+        "| method | lr | eps | round 0 | final | best | gain | eval loss (prior) | sequential "
+        "steps | client FLOPs | upload | peak memory | learned |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gain = r["final_accuracy"] - r["start_accuracy"]
+        eps = "-" if r.get("eps") is None else f"{r['eps']:g}"
+        lines.append(
+            f"| {r['method']} | {r['lr']:g} | {eps} | {pct(r['start_accuracy'])} | "
+            f"{pct(r['final_accuracy'])} | {pct(r['best_accuracy'])} | {100 * gain:+.1f} | "
+            f"{num(r['final_loss'])} ({num(r['prior_loss'])}) | {r['sequential_steps']} | "
+            f"{format_flops(r['cum_client_flops'])} | {format_bytes(r['cum_upload_bytes'])} | "
+            f"{format_bytes(r['peak_memory_bytes_max'])} | {'yes' if learned(r) else 'no'} |"
+        )
+    return lines
+
+
+def sweep_table(points: list[dict[str, Any]]) -> list[str]:
+    """Every sweep point's final eval loss and accuracy, the chosen one starred."""
+    lines = ["Sweep (final eval loss after the sweep rounds; * = chosen):", ""]
+    lines += ["| method | lr | eps | eval loss | accuracy |", "|---|---|---|---|---|"]
+    for p in points:
+        mark = "*" if p.get("chosen") else ""
+        eps = "-" if p.get("eps") is None else f"{p['eps']:g}"
+        lines.append(
+            f"| {p['method']}{mark} | {p['lr']:g} | {eps} | {num(p['final_loss'])} | "
+            f"{pct(p['final_accuracy'])} |"
+        )
+    return lines
+
+
+def plot_curves(result: dict[str, Any]) -> Figure:
+    """Accuracy against rounds (from round 0) and against cumulative client FLOPs."""
+    fig = Figure(figsize=(11, 4))
+    by_round, by_flops = fig.subplots(1, 2)
+    for r in result["rows"]:
+        ys = [p["accuracy"] for p in r["curve"]]
+        by_round.plot([p["round"] for p in r["curve"]], ys, marker=".", label=r["method"])
+        by_flops.plot([max(p["client_flops"], 1) for p in r["curve"]], ys, marker=".")
+    by_round.set(xlabel="round (0 = the start)", ylabel="held-out accuracy")
+    by_flops.set(xlabel="cumulative client FLOPs (round 0 included)", xscale="log")
+    by_round.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -34,11 +34,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cells import RUNS, Cell, Ledger, at_edge, num, pct, pick, run_cell
+from cells import (
+    RUNS,
+    Cell,
+    Ledger,
+    at_edge,
+    learned,
+    num,
+    pct,
+    plot_curves,
+    rows_table,
+    run_cell,
+    sweep,
+    sweep_table,
+)
 from common import DEFAULT_TOML, RESULTS, log
-from matplotlib.figure import Figure
-
-from fedfit.report import format_bytes, format_flops
 
 ZO = ("fedmezo", "fedspzo", "fedkseed", "decomfl", "fedkseed-pro")
 REFERENCE = "lora-backprop"
@@ -48,7 +58,7 @@ LORA = ["method.r=1", "method.alpha=1.0"]
 ZO_LRS = (3e-4, 1e-3, 3e-3)
 ZO_EPS = (1e-3, 1e-2)
 BACKPROP_LRS = (1e-3, 3e-3, 1e-2)
-FULL = {"rounds": 200, "sweep_rounds": 20, "local_steps": 20, "clients": 2, "eval_every": 10}
+FULL = {"rounds": 100, "sweep_rounds": 20, "local_steps": 20, "clients": 2, "eval_every": 10}
 QUICK = {"rounds": 2, "sweep_rounds": 1, "local_steps": 2, "clients": 2, "eval_every": 1}
 
 
@@ -80,14 +90,17 @@ def method_overrides(method: str, lr: float, eps: float | None) -> list[str]:
             f"train.lr={lr}", "train.optimizer=sgd", *extra.get(method, [])]  # fmt: skip
 
 
-def grid(method: str) -> list[tuple[float, float | None]]:
+def grid(method: str) -> tuple[tuple[float, ...], tuple[float | None, ...]]:
+    """The method's lr values and eps values (see cells.sweep)."""
     if method == REFERENCE:
-        return [(lr, None) for lr in BACKPROP_LRS]
-    return [(lr, eps) for lr in ZO_LRS for eps in ZO_EPS]
+        return BACKPROP_LRS, (None,)
+    return ZO_LRS, ZO_EPS
 
 
 def cell(method: str, lr: float, eps: float | None, rounds: int, tag: str) -> Cell:
-    key = f"{tag}-{method}-lr{lr:g}" + ("" if eps is None else f"-eps{eps:g}")
+    # a long run's key holds its rounds: a longer run is another cell, a sweep point is not
+    name = tag if tag == "sweep" else f"{tag}{rounds}"
+    key = f"{name}-{method}-lr{lr:g}" + ("" if eps is None else f"-eps{eps:g}")
     return Cell(
         key,
         method,
@@ -106,11 +119,10 @@ def claims(rows: list[dict[str, Any]]) -> list[str]:
         if r["method"] == REFERENCE:
             continue
         gain = r["final_accuracy"] - r["start_accuracy"]
-        learned = gain >= 0.03 and r["final_loss"] < r["prior_loss"]
         out.append(
             f"{r['method']}: {pct(r['start_accuracy'])} -> {pct(r['final_accuracy'])} "
             f"({100 * gain:+.1f} points), eval loss {num(r['final_loss'])} vs prior "
-            f"{num(r['prior_loss'])}: " + ("learned" if learned else "did NOT learn (< +3 points "
+            f"{num(r['prior_loss'])}: " + ("learned" if learned(r) else "did NOT learn (< +3 points "
             "or loss above the class prior)")
         )  # fmt: skip
     zo = [r for r in rows if r["method"] in ZO]
@@ -143,7 +155,6 @@ def claims(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    rows = result["rows"]
     lines = [
         "# Zero-order methods from a class-mean head (benchmarks/zeroorder.py)",
         "",
@@ -151,49 +162,16 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         result["setting"],
         "",
-        "| method | lr | eps | round 0 | final | best | gain | eval loss (prior) | sequential "
-        "steps | client FLOPs | upload | peak memory | learned |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows_table(result["rows"]),
+        "",
+        *sweep_table(result["sweep"]),
+        "",
+        "Claims:",
+        "",
+        *[f"- {c}" for c in result["claims"]],
+        *[f"- {n}" for n in result["notes"]],
     ]
-    for r in rows:
-        gain = r["final_accuracy"] - r["start_accuracy"]
-        learned = gain >= 0.03 and r["final_loss"] < r["prior_loss"]
-        eps = "-" if r["eps"] is None else f"{r['eps']:g}"
-        lines.append(
-            f"| {r['method']} | {r['lr']:g} | {eps} | "
-            f"{pct(r['start_accuracy'])} | {pct(r['final_accuracy'])} | "
-            f"{pct(r['best_accuracy'])} | {100 * gain:+.1f} | {num(r['final_loss'])} "
-            f"({num(r['prior_loss'])}) | {r['sequential_steps']} | "
-            f"{format_flops(r['cum_client_flops'])} | {format_bytes(r['cum_upload_bytes'])} | "
-            f"{format_bytes(r['peak_memory_bytes_max'])} | {'yes' if learned else 'no'} |"
-        )
-    lines += ["", "Sweep (final eval loss after the sweep rounds; * = chosen):", ""]
-    lines += ["| method | lr | eps | eval loss | accuracy |", "|---|---|---|---|---|"]
-    for p in result["sweep"]:
-        mark = "*" if p.get("chosen") else ""
-        eps = "-" if p["eps"] is None else f"{p['eps']:g}"
-        lines.append(
-            f"| {p['method']}{mark} | {p['lr']:g} | {eps} | {num(p['final_loss'])} | "
-            f"{pct(p['final_accuracy'])} |"
-        )
-    lines += ["", "Claims:", ""] + [f"- {c}" for c in result["claims"]]
-    lines += [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
-
-
-def plot(result: dict[str, Any]) -> Figure:
-    fig = Figure(figsize=(11, 4))
-    by_round, by_flops = fig.subplots(1, 2)
-    for r in result["rows"]:
-        xs = [p["round"] for p in r["curve"]]
-        ys = [p["accuracy"] for p in r["curve"]]
-        by_round.plot(xs, ys, marker=".", label=r["method"])
-        by_flops.plot([max(p["client_flops"], 1) for p in r["curve"]], ys, marker=".")
-    by_round.set(xlabel="round (0 = class-mean head)", ylabel="held-out accuracy")
-    by_flops.set(xlabel="cumulative client FLOPs", xscale="log")
-    by_round.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -216,8 +194,9 @@ def main(argv: list[str] | None = None) -> None:
         f"(10 clients); sweep {args.sweep_rounds} rounds, long runs {args.rounds} rounds "
         f"({args.rounds * args.local_steps} sequential client steps)."
     )
-    ledger = Ledger(out.with_suffix(".json"), {"setting": setting, "benchmark": name})
     common = base_overrides(args)
+    header = {"setting": setting, "benchmark": name, "base": common}
+    ledger = Ledger(out.with_suffix(".json"), header)
     result: dict[str, Any] = {"rows": [], "sweep": [], "claims": [], "notes": []}
 
     def write() -> None:
@@ -227,21 +206,26 @@ def main(argv: list[str] | None = None) -> None:
         ledger.save()
         out.with_suffix(".md").write_text(markdown(result))
         if result["rows"]:
-            plot(result).savefig(out.with_suffix(".png"), dpi=110)
+            plot_curves(result).savefig(out.with_suffix(".png"), dpi=110)
 
     # Method by method (sweep, then its long run), so a stopped benchmark has whole rows.
-    for method in args.methods:
-        points = []
-        for lr, eps in grid(method):
-            c = cell(method, lr, eps, args.sweep_rounds, "sweep")
-            points.append(run_cell(ledger, name, DEFAULT_TOML, common, c))
-        best = pick(points)
+    for method in args.methods:  # sweep, then its long run: a stopped run keeps whole rows
+
+        def point(lr: float, eps: float | None, method: str = method) -> dict[str, Any]:
+            return run_cell(
+                ledger,
+                name,
+                DEFAULT_TOML,
+                common,
+                cell(method, lr, eps, args.sweep_rounds, "sweep"),
+            )
+
+        points, best = sweep(point, *grid(method))
         if best is None:
             result["notes"].append(f"{method}: every sweep point diverged (NaN loss)")
             continue
-        for point in points:
-            result["sweep"].append({**point, "chosen": point is best})
-        if at_edge(best["lr"], [lr for lr, _ in grid(method)]):
+        result["sweep"] += [{**q, "chosen": q is best} for q in points]
+        if at_edge(best["lr"], grid(method)[0]):
             result["notes"].append(f"{method}: chosen lr {best['lr']:g} is at the grid's edge")
         write()
         row = run_cell(
