@@ -113,7 +113,7 @@ def test_engine_reports_packed_upload_bytes(tmp_path) -> None:
         )
         run_dir = run(config)
         rows = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
-        return rows[0]["upload_bytes"], rows[0]["download_bytes"]
+        return rows[-1]["upload_bytes"], rows[-1]["download_bytes"]  # round 1 (0: the start)
 
     full, down = upload(32)
     four, down4 = upload(4)
