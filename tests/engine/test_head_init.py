@@ -111,6 +111,12 @@ def test_ncm_run_round_zero(tmp_path: Path) -> None:
     torch.testing.assert_close(heads[0], weight, rtol=1e-5, atol=1e-6)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["start"] == zero["eval"] and summary["head_init"] == "ncm"
+    # per-client figures are the training rounds'; round 0's pass is reported apart
+    trained = [c for c in clients if c["round"] > 0]
+    assert summary["per_client"]["flops_mean"] == pytest.approx(
+        np.mean([c["flops"] for c in trained])
+    )
+    assert summary["round0_per_client"]["upload_bytes_mean"] == expected_upload
     assert summary["gain_over_start"]["accuracy"] == pytest.approx(
         summary["final"]["accuracy"] - zero["eval"]["accuracy"]
     )

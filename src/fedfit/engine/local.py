@@ -394,7 +394,9 @@ def _summary(
         "total_params": total,
         "cum_upload_bytes": sum(r["upload_bytes"] for r in rounds),
         "cum_client_flops": sum(r["client_flops"] for r in rounds),
-        "per_client": _per_client(clients),
+        # per-client figures of training rounds; round 0's (the class-mean head's pass) apart
+        "per_client": _per_client([c for c in clients if c["round"] > 0]),
+        "round0_per_client": _per_client([c for c in clients if c["round"] == 0]),
     }
 
 
