@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -28,13 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, log, run_and_read
+from common import ROOT, log, read_figures, run_and_read
 from matplotlib.figure import Figure
 
 from fedfit.config import Config, load_config
 from fedfit.report import format_bytes, format_flops
 
 RUNS = ROOT / "runs" / "bench"
+# FEDFIT_BENCH_REFRESH=1: finished cells whose run folder still exists are re-read from it.
+REFRESH = os.environ.get("FEDFIT_BENCH_REFRESH") == "1"
 
 
 @dataclass
@@ -87,7 +90,12 @@ def run_cell(
 ) -> dict[str, Any]:
     """The cell's figures: from the ledger if it finished before, else run (or resume) it."""
     if cell.key in ledger.cells:
-        return ledger.cells[cell.key]
+        done = ledger.cells[cell.key]
+        run_dir = Path(done["run_dir"])
+        if REFRESH and (run_dir / "summary.json").exists():
+            # figures re-read from the run folder (after a change in what is read)
+            done.update(read_figures(run_dir))
+        return done
     overrides = [
         *common,
         *cell.overrides,

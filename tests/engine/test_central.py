@@ -40,8 +40,10 @@ def test_zero_order_central_uses_its_own_estimator(tmp_path: Path) -> None:
 
 
 def test_central_starts_from_the_class_mean_head(tmp_path: Path) -> None:
-    config = tiny_run_config(tmp_path, "model.head_init=ncm", "run.rounds=1")
+    config = tiny_run_config(
+        tmp_path, "model.head_init=ncm", "model.head_init_clients=5", "run.rounds=1"
+    )
     central = read_rows(run_central(config) / "rounds.jsonl")
     federated = read_rows(run(config, stop_after=0, plots=False) / "rounds.jsonl")
-    # pooled sums of every client = the federated round 0 over every client: same head
+    # the same 5 round-0 clients' sums: the same head, the same start
     assert central[0]["eval"]["accuracy"] == federated[0]["eval"]["accuracy"]

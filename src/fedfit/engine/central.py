@@ -6,7 +6,7 @@ rate on the union of the clients' data, with the same trainable tensors (the met
 ``prepare``). It is the upper reference a federated run is compared with. It writes a run
 folder like a federated run (``runs/NAME-central``) with one row per round-equivalent of
 steps, so ``fedfit compare`` overlays it, and a round 0 with the starting model's evaluation
-(after the class-mean head when ``model.head_init = "ncm"``, computed on the pooled data).
+(after the class-mean head when ``model.head_init = "ncm"``, from the same round-0 clients).
 
 Backprop methods train with backprop on the pooled data (one optimiser for the whole run).
 Gradient-free methods (forward gradients, finite differences, zero-order) use their own
@@ -78,7 +78,7 @@ def _estimator_chunk(
     update = algorithm.client_update(setup.model, task, pooled, ctx)
     state = algorithm.aggregate(state, [update])
     steps = int(update.metrics.get("steps", 0))
-    return state, [float(update.metrics.get("train_loss", np.nan))] * max(steps, 1)
+    return state, [float(update.metrics.get("train_loss", np.nan))] * steps
 
 
 def run_central(
@@ -115,14 +115,15 @@ def run_central(
     estimator = own_estimator(setup)
     state: ServerState | None = setup.algorithm.init(model)
     if config.model.head_init == "ncm":  # the same start as the federated run: class means
-        from fedfit.engine.head_init import ncm_round
+        from fedfit.engine.head_init import ncm_round, round0_clients
 
         assert state is not None
-        state = ncm_round(setup, state, setup.eligible)[0]
+        state = ncm_round(setup, state, round0_clients(setup))[0]
         load_tensors_(model, state.params)
     state = state if estimator else None
     wall = time.perf_counter() - t_start
     rows: list[dict[str, Any]] = []
+    steps_taken = 0
     start = evaluate(model, setup.test, config.train.eval_batch_size)
     if setup.prior_loss is not None:
         start["prior_loss"] = setup.prior_loss
@@ -144,6 +145,7 @@ def run_central(
                 meter.train_step(model, optimizer, pooled.batch(index))
                 for index in batch_indices(len(pooled), chunk, seed)
             ]
+        steps_taken += len(losses)
         row: dict[str, Any] = {
             "round": round_,
             "num_clients": 1,
@@ -169,7 +171,8 @@ def run_central(
             progress(round_, config.run.rounds, row.get("eval"))
     summary = _summary(setup, rows, [], wall)
     summary["method"] = f"central-{config.method.name}"
-    summary["steps"] = per_round * config.run.rounds
+    # the steps taken (a per-iteration Spry client update is one minibatch, whatever the budget)
+    summary["steps"] = steps_taken
     summary["estimator"] = (
         "the method's own (one client on the pooled data)" if estimator else ("backprop")
     )

@@ -18,8 +18,7 @@ stuck near log C). A class no participating client holds keeps a zero row (logit
 "Features" are what the head's forward receives, read by a pre-hook on the head: BERT's
 pooler output, Llama's last hidden state at the last non-pad token (the position
 ``LlamaForSequenceClassification`` scores). Round 0's clients are every eligible client or a
-seeded sample (``model.head_init_clients``); their download is the global trainable tensors
-the features depend on (all but the head), their upload the sums, serialised for real and
+seeded sample (``model.head_init_clients``); their upload is the sums, serialised for real and
 never quantised (the server needs exact sums); FLOPs and peak memory are measured like a
 training step's (the storage-counting tracker and FlopCounterMode), rows go to
 clients.jsonl and rounds.jsonl as round 0.
@@ -190,6 +189,18 @@ def ncm_head(
     return weight.to(torch.float32), torch.zeros(len(counts), dtype=torch.float32)
 
 
+def round0_clients(setup: RunSetup) -> list[int]:
+    """Round 0's clients: every eligible one, or a seeded sample of
+    ``model.head_init_clients`` (the same for the federated run and its central reference)."""
+    from fedfit.engine.local import sample_clients
+
+    config = setup.config
+    k = config.model.head_init_clients
+    if not k or k >= len(setup.eligible):
+        return list(setup.eligible)
+    return sample_clients(config.run.seed, 0, setup.eligible, k)
+
+
 def ncm_round(
     setup: RunSetup, state: ServerState, clients: list[int]
 ) -> tuple[ServerState, list[dict[str, Any]], dict[str, Any]]:
@@ -199,8 +210,10 @@ def ncm_round(
     called, linear = head_module(setup.model)
     names = _head_names(setup.model, linear)
     load_tensors_(setup.model, state.params)
-    download = {n: t for n, t in state.params.items() if n not in names}
-    download_bytes = len(serialize(download)) if download else 0
+    # Round 0's clients compute features with the starting model, which every device holds
+    # (the pretrained backbone, and trainable tensors drawn from the run seed: LoRA's B is 0),
+    # as the seed-replay methods assume too: nothing is downloaded.
+    download_bytes = 0
     num_classes = linear.out_features
     uploads, rows = [], []
     costs: PassCosts = {}

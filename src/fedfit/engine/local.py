@@ -364,7 +364,7 @@ def _summary(
     start = next((r["eval"] for r in evals if r["round"] == 0), None)
     final = evals[-1]["eval"] if evals else None
     gain = None
-    if start is not None and final is not None:
+    if start is not None and final is not None and final is not start:
         metric = "perplexity" if lm else "accuracy"
         gain = {metric: final[metric] - start[metric], "loss": final["loss"] - start["loss"]}
     trainable = sum(p.numel() for p in setup.model.parameters() if p.requires_grad)
@@ -472,10 +472,10 @@ def run(
         state = setup.algorithm.init(setup.model)
         run_clients = pool.start(setup) if pool is not None else None
         book = RunLog(run_dir, setup, progress)
-        book.add_wall(time.perf_counter() - t_start)
         if resume:
-            state = book.resume()
-        else:
+            state = book.resume()  # the checkpoint's wall time, then this process's start-up
+        book.add_wall(time.perf_counter() - t_start)
+        if not resume:
             state = book.start(state)
         meter = CostMeter()
         last = config.run.rounds if stop_after is None else min(config.run.rounds, stop_after)
@@ -541,18 +541,12 @@ class RunLog:
         """Round 0, before any training: the class-mean head's federated round when
         ``model.head_init = "ncm"`` (engine/head_init.py), then the starting model's
         evaluation, recorded like any round; returns the state round 1 starts from."""
-        from fedfit.engine.head_init import ncm_round, start_row
+        from fedfit.engine.head_init import ncm_round, round0_clients, start_row
 
         t0 = time.perf_counter()
         config, setup = self.setup.config, self.setup
         if config.model.head_init == "ncm":
-            k = config.model.head_init_clients
-            clients = (
-                setup.eligible
-                if not k or k >= len(setup.eligible)
-                else sample_clients(config.run.seed, 0, setup.eligible, k)
-            )
-            state, client_rows, row = ncm_round(setup, state, clients)
+            state, client_rows, row = ncm_round(setup, state, round0_clients(setup))
         else:
             client_rows, row = [], start_row()
         self.record(state, client_rows, row, time.perf_counter() - t0)

@@ -198,9 +198,8 @@ def build(config: Config) -> RunSetup:
 def check_head_init(
     config: Config, model: torch.nn.Module, plans: list[Plan], algorithm: Algorithm
 ) -> None:
-    """``model.head_init = "ncm"`` needs a classifier head, and a head that reaches every
-    client: the global state carries it unless it is frozen, and a frozen head set on the
-    server's model reaches only the local executor's clients, which share that model."""
+    """``model.head_init = "ncm"`` needs a classifier head that the method trains (the global
+    state carries it to every client), and the local or Ray executor."""
     if config.model.head_init != "ncm":
         return
     from fedfit.config import ConfigError
@@ -220,10 +219,13 @@ def check_head_init(
             "model.head_init: 'ncm' runs its round 0 in the server's process, which in a "
             "Flower deployment holds no client data; use run.executor = 'local' or 'ray'"
         )
-    if config.run.executor != "local" and not linear.weight.requires_grad:
+    if not linear.weight.requires_grad:
+        # the global state (what clients download and checkpoints hold) carries trained
+        # tensors only: a frozen head set on the server would reach no one and not survive
+        # a resume
         raise ConfigError(
             f"model.head_init: {config.method.name} keeps the head frozen, so the class-mean "
-            "head would not reach Ray actors; use run.executor = 'local'"
+            "head would not reach the clients; use model.head_init = 'random'"
         )
 
 
