@@ -31,6 +31,7 @@ from typing import Any
 
 from common import ROOT, log, read_figures, run_and_read
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from fedfit.config import Config, load_config
 from fedfit.report import format_bytes, format_flops
@@ -211,6 +212,7 @@ def plot_curves(result: dict[str, Any]) -> Figure:
         by_flops.plot([max(p["client_flops"], 1) for p in r["curve"]], ys, marker=".")
     by_round.set(xlabel="round (0 = the start)", ylabel="held-out accuracy")
     by_flops.set(xlabel="cumulative client FLOPs (round 0 included)", xscale="log")
+    by_flops.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: no overlap
     by_round.legend(fontsize=8)
     fig.tight_layout()
     return fig
