@@ -216,3 +216,48 @@ def plot_curves(result: dict[str, Any]) -> Figure:
     by_round.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def write_result(
+    ledger: Ledger,
+    out: Path,
+    result: dict[str, Any],
+    claims: Callable[[list[dict[str, Any]]], list[str]],
+    markdown: Callable[[dict[str, Any]], str],
+) -> None:
+    """The ledger JSON with the result's rows, sweep, claims and notes; ``out``.md and .png."""
+    result.update(command=ledger.data["command"], setting=ledger.data["setting"])
+    result["claims"] = claims(result["rows"])
+    ledger.data.update(result)
+    ledger.save()
+    out.with_suffix(".md").write_text(markdown(result))
+    if result["rows"]:
+        plot_curves(result).savefig(out.with_suffix(".png"), dpi=110)
+
+
+def sweep_then_long(
+    method: str,
+    run_point: Callable[[Cell], dict[str, Any]],
+    grid: tuple[Sequence[float], Sequence[float | None]],
+    make_cell: Callable[[str, float, float | None, str], Cell],
+    local_steps: int,
+    result: dict[str, Any],
+    write: Callable[[], None],
+) -> None:
+    """One method's sweep (``make_cell(method, lr, eps, "sweep")``), then its long run at the
+    winner (``"long"``), both added to ``result`` and written as soon as each is known, so a
+    stopped benchmark keeps whole rows."""
+    points, best = sweep(
+        lambda lr, eps: run_point(make_cell(method, lr, eps, "sweep")), grid[0], grid[1]
+    )
+    if best is None:
+        result["notes"].append(f"{method}: every sweep point diverged (NaN loss)")
+        return
+    result["sweep"] += [{**q, "chosen": q is best} for q in points]
+    if at_edge(best["lr"], grid[0]):
+        result["notes"].append(f"{method}: chosen lr {best['lr']:g} is at the grid's edge")
+    write()
+    row = run_point(make_cell(method, best["lr"], best["eps"], "long"))
+    row["sequential_steps"] = row["rounds"] * local_steps
+    result["rows"].append(row)
+    write()

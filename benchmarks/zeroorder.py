@@ -38,15 +38,14 @@ from cells import (
     RUNS,
     Cell,
     Ledger,
-    at_edge,
     learned,
     num,
     pct,
-    plot_curves,
     rows_table,
     run_cell,
-    sweep,
     sweep_table,
+    sweep_then_long,
+    write_result,
 )
 from common import DEFAULT_TOML, RESULTS, log
 
@@ -200,41 +199,17 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {"rows": [], "sweep": [], "claims": [], "notes": []}
 
     def write() -> None:
-        result.update(command=ledger.data["command"], setting=setting)
-        result["claims"] = claims(result["rows"])
-        ledger.data.update(result)
-        ledger.save()
-        out.with_suffix(".md").write_text(markdown(result))
-        if result["rows"]:
-            plot_curves(result).savefig(out.with_suffix(".png"), dpi=110)
+        write_result(ledger, out, result, claims, markdown)
 
-    # Method by method (sweep, then its long run), so a stopped benchmark has whole rows.
-    for method in args.methods:  # sweep, then its long run: a stopped run keeps whole rows
+    def make_cell(method: str, lr: float, eps: float | None, phase: str) -> Cell:
+        rounds = args.sweep_rounds if phase == "sweep" else args.rounds
+        return cell(method, lr, eps, rounds, phase)
 
-        def point(lr: float, eps: float | None, method: str = method) -> dict[str, Any]:
-            return run_cell(
-                ledger,
-                name,
-                DEFAULT_TOML,
-                common,
-                cell(method, lr, eps, args.sweep_rounds, "sweep"),
-            )
+    def run_point(c: Cell) -> dict[str, Any]:
+        return run_cell(ledger, name, DEFAULT_TOML, common, c)
 
-        points, best = sweep(point, *grid(method))
-        if best is None:
-            result["notes"].append(f"{method}: every sweep point diverged (NaN loss)")
-            continue
-        result["sweep"] += [{**q, "chosen": q is best} for q in points]
-        if at_edge(best["lr"], grid(method)[0]):
-            result["notes"].append(f"{method}: chosen lr {best['lr']:g} is at the grid's edge")
-        write()
-        row = run_cell(
-            ledger, name, DEFAULT_TOML, common,
-            cell(method, best["lr"], best["eps"], args.rounds, "long"),
-        )  # fmt: skip
-        row["sequential_steps"] = row["rounds"] * args.local_steps
-        result["rows"].append(row)
-        write()
+    for method in args.methods:
+        sweep_then_long(method, run_point, grid(method), make_cell, args.local_steps, result, write)
     write()
     log(f"wrote {out.with_suffix('.md')} (run folders under {RUNS / name})")
 

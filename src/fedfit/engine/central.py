@@ -34,7 +34,7 @@ from fedfit.algorithms.base import (
     make_optimizer,
 )
 from fedfit.config import Config, TrainConfig, to_toml
-from fedfit.engine.local import ProgressFn, RunExistsError, _append, _summary
+from fedfit.engine.local import ProgressFn, RunExistsError, _append, _summary, round0_clients
 from fedfit.engine.meter import CostMeter
 from fedfit.engine.setup import RunSetup, build, derive_seed, evaluate
 
@@ -115,7 +115,7 @@ def run_central(
     estimator = own_estimator(setup)
     state: ServerState | None = setup.algorithm.init(model)
     if config.model.head_init == "ncm":  # the same start as the federated run: class means
-        from fedfit.engine.head_init import ncm_round, round0_clients
+        from fedfit.engine.head_init import ncm_round
 
         assert state is not None
         state = ncm_round(setup, state, round0_clients(setup))[0]

@@ -41,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fedfit.algorithms.base import ClientData, ServerState, load_tensors_
 from fedfit.compress import deserialize, serialize
 from fedfit.costs.measure import MemoryTracker, storage_bytes
+from fedfit.models.zoo import task_model
 
 if TYPE_CHECKING:
     from fedfit.engine.setup import RunSetup
@@ -48,17 +49,10 @@ if TYPE_CHECKING:
 HEAD_ATTRS = ("classifier", "score")  # BERT / Llama sequence-classification heads
 
 
-def _task_model(model: torch.nn.Module) -> Any:
-    inner: Any = model
-    if hasattr(inner, "get_base_model"):  # a peft wrapper
-        inner = inner.get_base_model()
-    return inner
-
-
 def head_module(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
     """(the module the forward calls, the Linear whose weights it uses) of the task head;
     under peft the first is its ModulesToSaveWrapper and the second the trained copy."""
-    inner = _task_model(model)
+    inner = task_model(model)
     for attr in HEAD_ATTRS:
         called = getattr(inner, attr, None)
         if called is None:
@@ -189,24 +183,11 @@ def ncm_head(
     return weight.to(torch.float32), torch.zeros(len(counts), dtype=torch.float32)
 
 
-def round0_clients(setup: RunSetup) -> list[int]:
-    """Round 0's clients: every eligible one, or a seeded sample of
-    ``model.head_init_clients`` (the same for the federated run and its central reference)."""
-    from fedfit.engine.local import sample_clients
-
-    config = setup.config
-    k = config.model.head_init_clients
-    if not k or k >= len(setup.eligible):
-        return list(setup.eligible)
-    return sample_clients(config.run.seed, 0, setup.eligible, k)
-
-
 def ncm_round(
     setup: RunSetup, state: ServerState, clients: list[int]
 ) -> tuple[ServerState, list[dict[str, Any]], dict[str, Any]]:
-    """Round 0 with a class-mean head: the clients' passes, the server's head, the rows."""
-    from fedfit.engine.local import plan_fields
-
+    """Round 0 with a class-mean head: the clients' passes, the server's head, the rows
+    (the caller adds each client's plan fields, as for any round)."""
     called, linear = head_module(setup.model)
     names = _head_names(setup.model, linear)
     load_tensors_(setup.model, state.params)
@@ -215,7 +196,8 @@ def ncm_round(
     # as the seed-replay methods assume too: nothing is downloaded.
     download_bytes = 0
     num_classes = linear.out_features
-    uploads, rows = [], []
+    uploads: list[dict[str, torch.Tensor]] = []
+    rows: list[dict[str, Any]] = []
     costs: PassCosts = {}
     for cid in clients:
         t0 = time.perf_counter()
@@ -238,11 +220,6 @@ def ncm_round(
                 "memory": {"peak_bytes": peak},
                 "wall_s": round(time.perf_counter() - t0, 4),
                 "download_bytes": download_bytes,
-                **plan_fields(
-                    setup.plans[cid],
-                    setup.population.budgets[cid],
-                    setup.population.tier_names[cid],
-                ),
             }
         )
     weight, bias = ncm_head(uploads, setup.config.model.head_init_scale)

@@ -318,6 +318,15 @@ def run_round(
     return close_round(setup, state, opened, results)
 
 
+def round0_clients(setup: RunSetup) -> list[int]:
+    """Round 0's clients: every eligible one, or a seeded sample of
+    ``model.head_init_clients`` (the same for the federated run and its central reference)."""
+    k = setup.config.model.head_init_clients
+    if not k or k >= len(setup.eligible):
+        return list(setup.eligible)
+    return sample_clients(setup.config.run.seed, 0, setup.eligible, k)
+
+
 def plan_fields(plan: Plan, budget: Budget, tier: str) -> dict[str, Any]:
     """What the client was assigned, its budget and the predicted cost, beside the measured."""
     fields: dict[str, Any] = {"tier": tier, "trained": plan.describe() if plan.spec else None}
@@ -541,12 +550,16 @@ class RunLog:
         """Round 0, before any training: the class-mean head's federated round when
         ``model.head_init = "ncm"`` (engine/head_init.py), then the starting model's
         evaluation, recorded like any round; returns the state round 1 starts from."""
-        from fedfit.engine.head_init import ncm_round, round0_clients, start_row
+        from fedfit.engine.head_init import ncm_round, start_row
 
         t0 = time.perf_counter()
         config, setup = self.setup.config, self.setup
         if config.model.head_init == "ncm":
             state, client_rows, row = ncm_round(setup, state, round0_clients(setup))
+            for c in client_rows:
+                cid = c["client_id"]
+                budget, tier = setup.population.budgets[cid], setup.population.tier_names[cid]
+                c.update(plan_fields(setup.plans[cid], budget, tier))
         else:
             client_rows, row = [], start_row()
         self.record(state, client_rows, row, time.perf_counter() - t0)

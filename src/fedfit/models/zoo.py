@@ -410,7 +410,7 @@ def load_model(
     return model, tokenizer
 
 
-def _task_model(model: torch.nn.Module) -> Any:
+def task_model(model: torch.nn.Module) -> Any:
     """The transformers task model, looking through a peft wrapper."""
     inner: Any = model
     if hasattr(inner, "get_base_model"):  # peft.PeftModel wraps the transformers model
@@ -425,7 +425,7 @@ def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """
     import torch
 
-    inner = _task_model(model)
+    inner = task_model(model)
     backbone = getattr(inner, "base_model", inner)  # transformers: the BertModel / LlamaModel
     encoder = getattr(backbone, "encoder", None)
     layers = getattr(encoder, "layer", None) if encoder is not None else None
@@ -440,7 +440,7 @@ def backbone_slots(model: torch.nn.Module) -> tuple[Any, str, Any, str]:
     """Where the embedding module and the block list hang: (owner, attribute) of each, so a
     caller can swap the embeddings for a stand-in or run a slice of the blocks (prefix cache,
     FedSPZO's split). Accepts what :func:`transformer_layers` accepts."""
-    inner = _task_model(model)
+    inner = task_model(model)
     base: Any = getattr(inner, "base_model", inner)
     if hasattr(base, "embeddings") and hasattr(base, "encoder"):  # BERT
         return base, "embeddings", base.encoder, "layer"
