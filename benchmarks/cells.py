@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from fedfit.config import Config, load_config
+from fedfit.engine.runfolder import RunFolder
 from fedfit.report import format_bytes, format_flops
 
 RUNS = ROOT / "runs" / "bench"
@@ -93,7 +94,7 @@ def run_cell(
     if cell.key in ledger.cells:
         done = ledger.cells[cell.key]
         run_dir = Path(done["run_dir"])
-        if REFRESH and (run_dir / "summary.json").exists():
+        if REFRESH and RunFolder(run_dir).has_summary():
             # figures re-read from the run folder (after a change in what is read)
             done.update(read_figures(run_dir))
         return done

@@ -22,11 +22,11 @@ import torch
 
 from fedfit.algorithms import ALGORITHMS, make_algorithm
 from fedfit.algorithms.base import ClientContext, ClientData
-from fedfit.compress import payload_bytes
 from fedfit.config import load_config
 from fedfit.data import load_dataset, tokenize
 from fedfit.engine.meter import CostMeter
 from fedfit.models import load_model
+from fedfit.payload import payload_bytes
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("fedavg", "fedsgd", "lora", "ia3", "bitfit", "head")

@@ -9,7 +9,6 @@ the path).
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,19 +17,13 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from fedfit.config import Config
-from fedfit.engine.local import resume_run, run
+from fedfit.engine.experiment import resume_run, run
+from fedfit.engine.runfolder import RunFolder
+from fedfit.log import log
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_TOML = ROOT / "examples" / "default.toml"
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run_and_read(config: Config, resume: bool = False) -> dict[str, Any]:
@@ -47,7 +40,7 @@ def run_and_read(config: Config, resume: bool = False) -> dict[str, Any]:
             shown = f", {key} {evaluation[key]:.3f}"
         log(f"    round {round_}/{total}{shown} ({time.perf_counter() - t0:.0f} s)")
 
-    run_dir = Path(config.run.output_dir) / config.run.name
+    run_dir = RunFolder.of(config).path
     if resume and _resumable(run_dir, config):
         # the same config stopped part-way: continue it (resume_run re-reads config.toml)
         run_dir = resume_run(run_dir, progress=progress, plots=False)
@@ -59,12 +52,13 @@ def run_and_read(config: Config, resume: bool = False) -> dict[str, Any]:
 def read_figures(run_dir: Path) -> dict[str, Any]:
     """A finished run folder's figures (see ``run_and_read``). Per-client costs are the
     training rounds' (round 0, a class-mean head's pass, is in the cumulative totals only)."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    timing = {r["round"]: r for r in read_jsonl(run_dir / "timing.jsonl")}
+    folder = RunFolder(run_dir)
+    summary = folder.summary()
+    timing = {r["round"]: r for r in folder.timing()}
     # classification: accuracy; causal LM: perplexity (the curve and final/best use its name)
     metric = "accuracy" if "accuracy" in summary["final"] else "perplexity"
     train_s, curve = 0.0, []
-    for r in read_jsonl(run_dir / "rounds.jsonl"):
+    for r in folder.rounds():
         train_s += timing[r["round"]]["train_s"]  # training only, evaluation excluded
         if "eval" in r:
             curve.append(
@@ -72,13 +66,7 @@ def read_figures(run_dir: Path) -> dict[str, Any]:
                  "loss": r["eval"]["loss"], "client_flops": r["cum_client_flops"],
                  "upload_bytes": r["cum_upload_bytes"], "train_s": round(train_s, 2)}
             )  # fmt: skip
-    trained = [c for c in read_jsonl(run_dir / "clients.jsonl") if c["round"] > 0]
-    per_client = {
-        "peak_memory_bytes_max": max((c["peak_memory_bytes"] or 0 for c in trained), default=0),
-        "flops_mean": sum(c["flops"] for c in trained) / max(len(trained), 1),
-        "upload_bytes_mean": sum(c["upload_bytes"] for c in trained) / max(len(trained), 1),
-        "download_bytes_mean": sum(c["download_bytes"] for c in trained) / max(len(trained), 1),
-    }
+    per_client = summary["per_client"]  # training rounds only
     start = summary.get("start") or {}
     return {
         "run_dir": str(run_dir),
@@ -109,12 +97,12 @@ def _resumable(run_dir: Path, config: Config) -> bool:
     part-way) that has not finished yet."""
     from fedfit.config import to_toml
 
-    saved = run_dir / "config.toml"
-    if not (run_dir / "checkpoint.pt").exists() or not saved.exists():
+    folder = RunFolder(run_dir)
+    if not folder.has_checkpoint() or not folder.has_config():
         return False
-    if saved.read_text() != to_toml(config):
+    if folder.config_text() != to_toml(config):
         return False
-    done = read_jsonl(run_dir / "rounds.jsonl")
+    done = folder.rounds()
     return not done or done[-1]["round"] < config.run.rounds
 
 

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/communication.py --model smollm2-135m --rounds 3
     .venv/bin/python benchmarks/communication.py --quick      # smoke test, tiny-llama
 
-Checks the claim of Ro et al. (FL4NLP 2022, arXiv 2204.09715; SEEDS.md section 4): partial
+Checks the claim of Ro et al. (FL4NLP 2022, arXiv 2204.09715; docs/methods.md): partial
 variable training with quantised uploads reaches the same perplexity as full FedAvg with
 about 10x less client-to-server communication. Next-token prediction on shakespeare, one
 client per speaking role (the ``--num-clients`` roles with the most speeches), perplexity on

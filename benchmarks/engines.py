@@ -15,11 +15,13 @@ Engines, each in its own subprocess (a fresh interpreter: start-up and memory ar
 - local: ``fedfit run`` in process (torch's default threads);
 - ray: ``fedfit run --executor ray --workers N`` (one torch thread per actor);
 - flower: ``fedfit run --executor flower --workers N`` (Flower's simulation runtime);
-- floor: a bare loop in this file (``--floor-worker``): the model loaded once (transformers +
-  peft, as fedfit builds it), per round per client the global trainable tensors copied in, a
-  fresh AdamW, the same seeded batches and dropout as fedfit's client, then the example-weighted
-  mean. No metering, no serialisation, no run folder. fedfit's data helpers give it the same
-  shards, sampled clients and batches, so its final tensors are compared to the local run's.
+- floor: a bare loop (benchmarks/engine_workers.py ``--floor-worker``) on the run fedfit's own
+  setup builds (``engine.setup.build``: the model loaded once and wrapped by the method, the
+  shards, the held-out set): per round per client the global trainable tensors copied in, a
+  fresh AdamW, the same seeded batches and dropout as fedfit's client, then the
+  example-weighted mean. No metering, no serialisation, no run folder. The engine's own
+  ``sample_clients`` and ``derive_seed`` pick its clients and batches, so its final tensors are
+  compared to the local run's.
 
 Per engine: wall time from subprocess start to exit; the round loop (training, and evaluation
 apart) as the run's timing.jsonl records it (the floor times its loop the same way); peak RSS
@@ -33,6 +35,10 @@ rate at n = 1024, 2048, 3072 (measured before and after the engines, ``--matmul-
 Two scales give each engine's cost per round (slope) and fixed cost (intercept).
 
 Nothing else may run on the machine while it measures. Run folders go to a temp folder.
+
+Layout: this file runs the engines side by side and writes the result; engine_workers.py holds
+the floor, FLOPs and matmul workers; procs.py runs one subprocess (RSS sampler, session
+killer); engines_report.py turns the measurements into ratios, the markdown and the plot.
 """
 
 from __future__ import annotations
@@ -43,33 +49,23 @@ import os
 import platform
 import shlex
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import psutil
+from engine_workers import DEFAULT_TOML, worker_cmd
+from engines_report import markdown, plot, summarise
+from procs import check_ok, run_measured
 
-# Workers import torch / fedfit lazily: the floor's start-up should pay for what it uses only.
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-# common.DEFAULT_TOML, without importing common (matplotlib, the engine) in the lean workers.
-DEFAULT_TOML = ROOT / "examples" / "default.toml"
+from fedfit.engine.runfolder import CHECKPOINT, RunFolder
 
 FULL = {"rounds": 3, "clients_per_round": 4, "eval_examples": 300, "scales": "1,10"}
 QUICK = {"rounds": 1, "clients_per_round": 2, "eval_examples": 64, "scales": "1"}
 ENGINES = ("local", "ray", "flower", "floor")
-GOALS = {  # ratio -> (goal, "<=" or ">=")
-    "local/floor": (1.05, "<="),
-    "flower/local": (1.6, ">="),
-    "achieved/peak": (0.5, ">="),
-}
 MATMUL_SIZES = (1024, 2048, 3072)
-SAMPLE_S = 0.1
 
 
 # ---------------------------------------------------------------- the workload as --set keys
@@ -103,397 +99,6 @@ def overrides(args: argparse.Namespace, rounds: int, runs_dir: Path, name: str) 
     ]
 
 
-def load_workload(sets: list[str]) -> Any:
-    """The fedfit Config the engines run (examples/default.toml + ``sets``)."""
-    from fedfit.config import load_config
-
-    return load_config(DEFAULT_TOML, sets)
-
-
-# ---------------------------------------------------------------- workers (subprocesses)
-
-
-def load_floor_model(config: Any, num_labels: int, attn: str) -> tuple[Any, Any]:
-    """MiniLM-L6 for classification with LoRA r=8 on query/value and a trainable head, built
-    as fedfit builds it (models/zoo.py load_model, algorithms/peft.py LoRA.prepare, and the
-    seed engine/setup.py build sets before it), so its initial tensors are fedfit's."""
-    import torch
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging
-
-    from fedfit.engine.setup import derive_seed
-    from fedfit.models.sources import minilm_l6_dir
-    from fedfit.models.zoo import init_head_
-
-    if config.model.name != "minilm-l6":
-        raise ValueError(f"the floor loads minilm-l6 only, not {config.model.name!r}")
-    path = str(minilm_l6_dir())
-    logging.set_verbosity_error()  # not transformers' load report of the fresh head
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path,
-        num_labels=num_labels,
-        attn_implementation=attn,
-        dtype=torch.float32,
-        local_files_only=True,
-    )
-    model.config.pad_token_id = tokenizer.pad_token_id
-    init_head_(model.classifier, config.run.seed, model.config.initializer_range)
-    torch.manual_seed(derive_seed(config.run.seed, 0x5EED))  # peft draws LoRA A from it
-    lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=config.method.options.r,
-        lora_alpha=config.method.options.alpha,
-        lora_dropout=config.method.options.dropout,
-        target_modules=["query", "value"],
-    )
-    return get_peft_model(model, lora), tokenizer
-
-
-def floor_worker(spec: dict[str, Any]) -> None:
-    """The floor: fedfit's workload as a bare PyTorch loop; writes ``spec["out"]``.json and
-    its initial and final trainable tensors to ``spec["out"]``.pt."""
-    t_enter = time.perf_counter()
-    import numpy as np
-    import torch
-
-    from fedfit.algorithms.base import ClientData, batch_indices
-    from fedfit.data import load_configured, tokenize
-    from fedfit.engine.local import sample_clients
-    from fedfit.engine.setup import derive_seed, evaluate, partition_clients
-
-    import_s = time.perf_counter() - t_enter
-    config = load_workload(spec["sets"])
-    seed, train = config.run.seed, config.train
-    dataset = load_configured(config.data, seed)
-    parts = partition_clients(config, dataset)
-    num_labels = max(2, len(dataset.label_names))
-    model, tokenizer = load_floor_model(config, num_labels, spec["attn"])
-    pad_id = int(tokenizer.pad_token_id)
-    seqs = tokenize(dataset.train_texts, tokenizer, config.model.max_length)
-    labels = np.asarray(dataset.train_labels)
-    shards = [
-        ClientData(c, [seqs[i] for i in p], labels[p], pad_id, False) for c, p in enumerate(parts)
-    ]
-    test_seqs = tokenize(dataset.test_texts, tokenizer, config.model.max_length)
-    idx = np.arange(len(test_seqs))
-    if config.data.eval_examples and config.data.eval_examples < len(idx):
-        idx = np.sort(
-            np.random.default_rng(0).choice(len(idx), config.data.eval_examples, replace=False)
-        )
-    test = ClientData(
-        -1, [test_seqs[i] for i in idx], np.asarray(dataset.test_labels)[idx], pad_id, False
-    )
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    global_ = {n: p.detach().clone() for n, p in params.items()}
-    initial = {n: t.clone() for n, t in global_.items()}
-    setup_s = time.perf_counter() - t_enter
-
-    rounds, clients_log = [], []
-    for round_ in range(1, config.run.rounds + 1):
-        t0 = time.perf_counter()
-        clients = sample_clients(
-            seed, round_, list(range(len(shards))), config.data.clients_per_round
-        )
-        trained, weights = [], []
-        for cid in clients:
-            shard, client_seed = shards[cid], derive_seed(seed, round_, cid)
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(global_[n])
-            torch.manual_seed(client_seed)  # dropout, as fedfit's local_train seeds it
-            model.train()
-            opt = torch.optim.AdamW(params.values(), lr=train.lr, weight_decay=train.weight_decay)
-            steps = 0
-            for index in batch_indices(len(shard), train, client_seed):
-                model(**shard.batch(index)).loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                steps += 1
-            trained.append({n: p.detach().clone() for n, p in params.items()})
-            weights.append(float(len(shard)))
-            clients_log.append({"round": round_, "client_id": cid, "steps": steps})
-        total = sum(weights)
-        for n, x in global_.items():
-            # FedAvg: the example-weighted mean (float64), reached as fedfit's server step with
-            # lr 1 reaches it, x + float32(mean - x), so that the float32 roundings agree.
-            mean = sum(w * t[n].double() for w, t in zip(weights, trained, strict=True)) / total
-            global_[n] = x + (mean - x.double()).to(x.dtype)
-        train_s = time.perf_counter() - t0
-        eval_s, evaluation = 0.0, None
-        if round_ == config.run.rounds:
-            t1 = time.perf_counter()
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(global_[n])
-            evaluation = evaluate(model, test, train.eval_batch_size)
-            eval_s = time.perf_counter() - t1
-        rounds.append({"round": round_, "clients": clients, "train_s": train_s, "eval_s": eval_s})
-    torch.save({"initial": initial, "final": global_}, spec["out"] + ".pt")
-    result = {
-        "import_s": import_s,
-        "setup_s": setup_s,
-        "rounds": rounds,
-        "clients": clients_log,
-        "final": evaluation,
-        "num_labels": num_labels,
-        "torch_threads": torch.get_num_threads(),
-    }
-    Path(spec["out"] + ".json").write_text(json.dumps(result))
-
-
-def flops_worker(spec: dict[str, Any]) -> None:
-    """FLOPs of one training step (forward, backward, AdamW) of ONE unpadded sequence of each
-    length 1..max_length on the floor's model; writes {length: FLOPs} to ``spec["out"]``."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    config = load_workload(spec["sets"])
-    model, tokenizer = load_floor_model(config, spec["num_labels"], spec["attn"])
-    replays = {str(r): replay_batches(config, tokenizer, r) for r in spec["rounds"]}
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.train.lr)
-    flops = {}
-    for s in range(1, config.model.max_length + 1):
-        # FLOPs depend on shapes only; the ids are any real token.
-        batch = {
-            "input_ids": torch.full((1, s), int(tokenizer.cls_token_id), dtype=torch.long),
-            "attention_mask": torch.ones((1, s), dtype=torch.long),
-            "labels": torch.zeros(1, dtype=torch.long),
-        }
-        with FlopCounterMode(display=False) as counter:
-            model(**batch).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        flops[str(s)] = counter.get_total_flops()
-    Path(spec["out"]).write_text(json.dumps({"per_length": flops, "replays": replays}))
-
-
-def replay_batches(config: Any, tokenizer: Any, rounds: int) -> dict[str, Any]:
-    """fedfit's sampled clients and batches over ``rounds`` rounds, replayed without training:
-    how many sequences of each length the client steps process, the steps, and how many of
-    them fedfit's CostMeter measures (the first of each (batch shape, fresh optimiser) key;
-    the others reuse that measurement)."""
-    from fedfit.algorithms.base import batch_indices
-    from fedfit.data import load_configured, tokenize
-    from fedfit.engine.local import sample_clients
-    from fedfit.engine.setup import derive_seed, partition_clients
-
-    seed = config.run.seed
-    dataset = load_configured(config.data, seed)
-    parts = partition_clients(config, dataset)
-    seqs = tokenize(dataset.train_texts, tokenizer, config.model.max_length)
-    counts: Counter[int] = Counter()
-    keys, steps = set(), 0
-    for round_ in range(1, rounds + 1):
-        for cid in sample_clients(
-            seed, round_, list(range(len(parts))), config.data.clients_per_round
-        ):
-            part, seed_ = parts[cid], derive_seed(seed, round_, cid)
-            for step, index in enumerate(batch_indices(len(part), config.train, seed_)):
-                sizes = [len(seqs[part[i]]) for i in index]
-                counts.update(sizes)
-                keys.add((len(sizes), max(sizes), step > 0))
-                steps += 1
-    lengths = {str(k): v for k, v in sorted(counts.items())}
-    return {"lengths": lengths, "steps": steps, "meter_measured_steps": len(keys)}
-
-
-def matmul_worker(spec: dict[str, Any]) -> None:
-    """Best-of-``reps`` fp32 ``torch.mm`` rate at each n, torch's default threads."""
-    import torch
-
-    torch.manual_seed(0)
-    rows = []
-    for n in spec["sizes"]:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        c = torch.empty(n, n)
-        torch.mm(a, b, out=c)  # warm-up: thread pool, caches
-        times = []
-        for _ in range(spec["reps"]):
-            t0 = time.perf_counter()
-            torch.mm(a, b, out=c)
-            times.append(time.perf_counter() - t0)
-        best = min(times)
-        rows.append({"n": n, "best_s": best, "gflops": 2 * n**3 / best / 1e9, "reps": len(times)})
-    info = {
-        "rows": rows,
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "mkl": torch.backends.mkl.is_available(),
-        "mkldnn": torch.backends.mkldnn.is_available(),
-    }
-    Path(spec["out"]).write_text(json.dumps(info))
-
-
-WORKERS = {
-    "--floor-worker": floor_worker,
-    "--flops-worker": flops_worker,
-    "--matmul-worker": matmul_worker,
-}
-
-
-# ---------------------------------------------------------------- running one subprocess
-
-
-class RssSampler(threading.Thread):
-    """Every ``SAMPLE_S``: RSS summed over a process and all its descendants, and the largest."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.root = psutil.Process(pid)
-        self.stop = threading.Event()
-        self.seen: dict[int, Any] = {}  # pid -> psutil.Process (kept to kill leftovers safely)
-        self.labels: dict[int, str] = {}  # pid -> its command line, as first seen
-        self.peak_sum = self.peak_single = self.max_procs = self.samples = 0
-        self.peak_single_name = ""
-        self.cpu_s = 0.0
-        self.at_peak: list[str] = []
-
-    def run(self) -> None:
-        try:
-            while not self.stop.is_set():
-                self.sample()
-                self.stop.wait(SAMPLE_S)
-        except psutil.Error:  # the root process is gone
-            pass
-        self.cpu_s = time.thread_time()  # what sampling cost (it shares the cores)
-
-    def sample(self) -> None:
-        procs = [self.root, *self.root.children(recursive=True)]
-        total, sizes = 0, []
-        for p in procs:
-            try:
-                rss = p.memory_info().rss
-            except psutil.Error:
-                continue
-            if p.pid not in self.seen:
-                self.seen[p.pid], self.labels[p.pid] = p, _label(p)
-            total += rss
-            sizes.append((rss, p))
-        self.samples += 1
-        self.max_procs = max(self.max_procs, len(sizes))
-        if total > self.peak_sum:
-            self.peak_sum = total
-            self.at_peak = [self.describe(p, rss) for rss, p in sorted(sizes, key=_first)[::-1]]
-        if sizes:
-            rss, p = max(sizes, key=_first)
-            if rss > self.peak_single:
-                self.peak_single, self.peak_single_name = rss, self.describe(p, rss)
-
-    def describe(self, p: Any, rss: int) -> str:
-        return f"{rss / 2**20:.0f} MiB {self.labels.get(p.pid, '?')}"
-
-
-def _first(item: tuple[int, Any]) -> int:
-    return item[0]
-
-
-def _label(p: Any) -> str:
-    try:
-        return (" ".join(p.cmdline()[:3]) or p.name())[:80]
-    except Exception:  # the process may be gone already; a label is only a label
-        return "?"
-
-
-def _kill_session(proc: subprocess.Popen[bytes], sampler: RssSampler | None) -> list[str]:
-    """SIGKILL the subprocess's session (it leads its own process group) and every descendant
-    the sampler saw that still runs; returns those that were still alive."""
-    alive = []
-    if sampler is not None:
-        for p in sampler.seen.values():
-            try:
-                if p.is_running() and p.pid != proc.pid:  # is_running checks the start time
-                    alive.append((p, sampler.labels[p.pid]))
-            except Exception:
-                continue
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for p, _ in alive:
-        try:
-            p.kill()
-        except Exception:
-            continue
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    return [label for _, label in alive]
-
-
-def run_measured(cmd: list[str], log_path: Path, timeout_s: float) -> dict[str, Any]:
-    """Run ``cmd`` in its own session with stdout/stderr to ``log_path``; returns wall time,
-    exit code, peak RSS (sum over the process tree and largest process). Whatever happens
-    (error, timeout, Ctrl-C) the whole session is killed before this returns."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with log_path.open("wb") as log_file:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        sampler = None
-        try:
-            sampler = RssSampler(proc.pid)
-            sampler.start()
-        except Exception:  # the process exited before psutil saw it
-            sampler = None
-        timed_out = False
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out, rc = True, -9
-        finally:
-            wall = time.perf_counter() - t0
-            if sampler is not None:
-                sampler.stop.set()
-                sampler.join()
-            leftovers = _kill_session(proc, sampler)
-    out = {
-        "wall_s": wall,
-        "rc": rc,
-        "timed_out": timed_out,
-        # descendants still alive when the subprocess exited (then killed)
-        "leftover_processes": leftovers,
-        "log": str(log_path),
-    }
-    if sampler is not None:
-        out.update(
-            peak_rss_sum_bytes=sampler.peak_sum,
-            peak_rss_single_bytes=sampler.peak_single,
-            peak_rss_single=sampler.peak_single_name,
-            processes_max=sampler.max_procs,
-            processes_at_peak=sampler.at_peak[:12],
-            rss_samples=sampler.samples,
-            sampler_cpu_s=sampler.cpu_s,
-        )
-    return out
-
-
-def check_ok(name: str, measured: dict[str, Any]) -> None:
-    """Fail loudly: a failed engine stops the benchmark with the tail of its log."""
-    if measured["rc"] == 0:
-        return
-    tail = "\n".join(Path(measured["log"]).read_text(errors="replace").splitlines()[-30:])
-    why = (
-        f"timed out after {measured['wall_s']:.0f} s"
-        if measured["timed_out"]
-        else (f"exit code {measured['rc']}")
-    )
-    raise RuntimeError(f"engine {name} failed ({why}); log {measured['log']}:\n{tail}")
-
-
-def worker_cmd(flag: str, spec: dict[str, Any]) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), flag, json.dumps(spec)]
-
-
 # ---------------------------------------------------------------- one engine run
 
 
@@ -511,7 +116,7 @@ def fedfit_cmd(engine: str, sets: list[str], workers: int) -> list[str]:
 
 def run_engine(engine: str, args: argparse.Namespace, rounds: int, work: Path) -> dict[str, Any]:
     """Run one engine at ``rounds`` rounds in a subprocess and read back what it recorded."""
-    from common import log, read_jsonl
+    from common import log
 
     name = f"{engine}-r{rounds}"
     sets = overrides(args, rounds, work / "runs", name)
@@ -541,10 +146,8 @@ def run_engine(engine: str, args: argparse.Namespace, rounds: int, work: Path) -
             params_file=stem + ".pt",
         )
     else:
-        run_dir = work / "runs" / name
-        timing = read_jsonl(run_dir / "timing.jsonl")
-        clients = read_jsonl(run_dir / "clients.jsonl")
-        summary = json.loads((run_dir / "summary.json").read_text())
+        folder = RunFolder(work / "runs" / name)
+        timing, clients, summary = folder.timing(), folder.clients(), folder.summary()
         train_s = sum(t["train_s"] for t in timing)
         eval_s = sum(t["eval_s"] for t in timing)
         row.update(
@@ -554,10 +157,11 @@ def run_engine(engine: str, args: argparse.Namespace, rounds: int, work: Path) -
             in_process_setup_s=timing[-1]["wall_s"] - train_s - eval_s,
             accuracy=summary["final"]["accuracy"],
             eval_loss=summary["final"]["loss"],
-            clients=[r["clients"] for r in read_jsonl(run_dir / "rounds.jsonl")],
+            # training rounds only: round 0 (the starting model's evaluation) samples no one
+            clients=[r["clients"] for r in folder.rounds() if r["round"] > 0],
             steps=sum(c["steps"] for c in clients),
             fedfit_flops=sum(c["flops"] for c in clients),
-            params_file=str(run_dir / "checkpoint.pt"),
+            params_file=str(folder.file(CHECKPOINT)),
         )
     row["outside_loop_s"] = row["wall_s"] - row["train_s"] - row["eval_s"]
     log(
@@ -569,10 +173,14 @@ def run_engine(engine: str, args: argparse.Namespace, rounds: int, work: Path) -
 
 
 def final_params(row: dict[str, Any]) -> dict[str, Any]:
+    """The final trainable tensors: the floor's file, or the run folder's checkpoint."""
+    if row["engine"] != "floor":
+        state, _ = RunFolder(Path(row["params_file"]).parent).load_checkpoint()
+        return state.params
     import torch
 
-    data = torch.load(row["params_file"], weights_only=False)
-    return data["final"] if row["engine"] == "floor" else data["state"]["params"]
+    final: dict[str, Any] = torch.load(row["params_file"], weights_only=False)["final"]
+    return final
 
 
 def compare_params(rows: list[dict[str, Any]]) -> None:
@@ -600,12 +208,7 @@ def compare_params(rows: list[dict[str, Any]]) -> None:
             r["max_abs_update"] = max(float((params[n] - initial[n]).abs().max()) for n in params)
 
 
-# ---------------------------------------------------------------- FLOPs, peak, ratios
-
-
-def useful_flops(lengths: dict[str, int], per_length: dict[str, int]) -> int:
-    """FLOPs on real tokens: sum over processed sequences of one-sequence step FLOPs f(len)."""
-    return sum(count * per_length[length] for length, count in lengths.items())
+# ---------------------------------------------------------------- the matmul peak
 
 
 def matmul_peak(args: argparse.Namespace, work: Path, tag: str) -> dict[str, Any]:
@@ -623,286 +226,6 @@ def matmul_peak(args: argparse.Namespace, work: Path, tag: str) -> dict[str, Any
         + ", ".join(f"n={r['n']} {r['gflops']:.1f} GFLOP/s" for r in info["rows"])
     )
     return info
-
-
-def slope_intercept(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
-    """Least-squares line through the points (exact through two): (per unit x, at x = 0)."""
-    if len(set(xs)) < 2:
-        return None
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
-        (x - mx) ** 2 for x in xs
-    )
-    return slope, my - slope * mx
-
-
-def summarise(result: dict[str, Any]) -> None:
-    """Achieved FLOP/s, ratios with their goals, and per-round cost from the scales."""
-    rows, per_length = result["rows"], result.get("flops_per_length")
-    peaks = [r["gflops"] for m in result["matmul"].values() for r in m["rows"]]
-    peak = max(peaks) * 1e9 if peaks else None
-    result["matmul_peak_flops"] = peak
-    lengths_by_rounds = {int(k): v["lengths"] for k, v in result.get("replays", {}).items()}
-    # Every engine runs the same padded batches: fedfit's measured FLOPs are what each executed.
-    executed = {r["rounds"]: r["fedfit_flops"] for r in rows if r["fedfit_flops"]}
-    for r in rows:
-        if r["rounds"] in executed:
-            r["executed_flops_loop"] = executed[r["rounds"]] / r["train_s"]
-        lengths = lengths_by_rounds.get(r["rounds"])
-        if per_length is None or lengths is None:
-            continue
-        r["useful_flops"] = useful_flops(lengths, per_length)
-        r["achieved_flops_loop"] = r["useful_flops"] / r["train_s"]
-        r["achieved_flops_e2e"] = r["useful_flops"] / r["wall_s"]
-        if peak:
-            r["peak_fraction_loop"] = r["achieved_flops_loop"] / peak
-            r["peak_fraction_e2e"] = r["achieved_flops_e2e"] / peak
-    ratios = []
-    for rounds in sorted({r["rounds"] for r in rows}):
-        at = {r["engine"]: r for r in rows if r["rounds"] == rounds}
-        for num, den in (("local", "floor"), ("flower", "local"), ("ray", "local")):
-            if num in at and den in at:
-                for what, key in (
-                    ("round loop", "train_s"),
-                    ("end to end", "wall_s"),
-                    ("peak RSS", "peak_rss_sum_bytes"),
-                ):
-                    goal = GOALS.get(f"{num}/{den}") if key != "peak_rss_sum_bytes" else None
-                    ratios.append(
-                        _ratio(f"{num}/{den}", what, rounds, at[num][key] / at[den][key], goal)
-                    )
-        for engine, r in at.items():
-            if "peak_fraction_loop" in r:
-                ratios.append(
-                    _ratio(
-                        f"{engine} achieved/peak",
-                        "round loop",
-                        rounds,
-                        r["peak_fraction_loop"],
-                        GOALS["achieved/peak"],
-                    )
-                )
-    result["ratios"] = ratios
-    growth = []
-    for engine in dict.fromkeys(r["engine"] for r in rows):
-        mine = sorted((r for r in rows if r["engine"] == engine), key=lambda r: r["rounds"])
-        xs = [float(r["rounds"]) for r in mine]
-        lines = {
-            k: slope_intercept(xs, [float(r[k]) for r in mine])
-            for k in ("wall_s", "train_s", "peak_rss_sum_bytes")
-        }
-        if lines["wall_s"] is not None:
-            growth.append(
-                {
-                    "engine": engine,
-                    "rounds": xs,
-                    **{f"{k}_per_round": v[0] for k, v in lines.items() if v},
-                    **{f"{k}_fixed": v[1] for k, v in lines.items() if v},
-                }
-            )
-    result["growth"] = growth
-    notes = []
-    for rounds in sorted({r["rounds"] for r in rows}):
-        fed = [r for r in rows if r["rounds"] == rounds and r["engine"] != "floor"]
-        if len({r["accuracy"] for r in fed}) > 1:
-            notes.append(
-                f"{rounds} rounds: final accuracy differs between engines: "
-                + ", ".join(f"{r['engine']} {r['accuracy']:.4f}" for r in fed)
-            )
-        if len({json.dumps(r["clients"]) for r in rows if r["rounds"] == rounds}) > 1:
-            notes.append(f"{rounds} rounds: the engines sampled different clients")
-        if len({r["steps"] for r in rows if r["rounds"] == rounds}) > 1:
-            notes.append(f"{rounds} rounds: the engines ran different numbers of steps")
-        replay = result.get("replays", {}).get(str(rounds))
-        if replay and any(r["steps"] != replay["steps"] for r in rows if r["rounds"] == rounds):
-            notes.append(f"{rounds} rounds: an engine ran other steps than the replay counted")
-    result["checks"] = notes
-
-
-def _ratio(
-    name: str, what: str, rounds: int, value: float, goal: tuple[float, str] | None
-) -> dict[str, Any]:
-    met = None
-    if goal is not None:
-        met = value <= goal[0] if goal[1] == "<=" else value >= goal[0]
-    return {
-        "ratio": name,
-        "of": what,
-        "rounds": rounds,
-        "value": value,
-        "goal": f"{goal[1]} {goal[0]:g}" if goal else None,
-        "met": met,
-    }
-
-
-# ---------------------------------------------------------------- markdown and plot
-
-
-def _mib(b: float | None) -> str:
-    return "-" if b is None else f"{b / 2**20:,.0f} MiB"
-
-
-def _g(x: float | None, digits: int = 1) -> str:
-    return "-" if x is None else f"{x / 1e9:.{digits}f}"
-
-
-def _md_table(header: str, rows: list[list[Any]]) -> list[str]:
-    """A markdown table (``header``: column names joined by " | "), then a blank line."""
-    width = len(header.split(" | "))
-    lines = [f"| {header} |", "|" + "---|" * width]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return [*lines, ""]
-
-
-def markdown(result: dict[str, Any]) -> str:
-    a, rows, m = result["args"], result["rows"], result["machine"]
-    peak = result.get("matmul_peak_flops")
-    out = [
-        "# Engines: fedfit local and Ray executors, Flower simulation, and a bare PyTorch floor",
-        "",
-        f"Command: `{result['command']}`",
-        "",
-        f"tweets, minilm-l6 + LoRA r=8 (query/value) + classifier head; {a['num_clients']} iid "
-        f"clients of {a['max_examples']} examples, {a['clients_per_round']} per round, "
-        f"{a['local_steps']} local AdamW steps (lr {a['lr']:g}) of batch {a['batch_size']}, max "
-        f"length {a['max_length']}, server FedAvg; evaluation at the last round only, on "
-        f"{a['eval_examples']} held-out tweets. Ray and Flower: {a['workers']} workers, 1 torch "
-        f"thread each; local and floor: torch default threads ({m.get('torch_threads')}). "
-        f"Floor attention: {a['floor_attn']} (fedfit loads eager).",
-        "",
-        f"Machine: {m.get('cpu')}, {m.get('cores_logical')} logical / {m.get('cores_physical')} "
-        f"physical cores, {_mib(m.get('memory_bytes'))}; Python {m.get('python')}, torch "
-        f"{m.get('torch_version')}, ray {m.get('ray')}, flwr {m.get('flwr')}.",
-        "",
-        "End to end: subprocess start to exit. Round loop: training of every round (sampling, "
-        "clients, aggregation), evaluation apart; outside = end to end - loop - eval (imports, "
-        "model and data load, Ray/Flower start and stop, plots). Peak RSS: summed over the "
-        "process tree every 0.1 s (shared library pages count once per process, so the sum "
-        "overstates what the tree really holds). Useful FLOPs: training steps on real tokens "
-        "(no padding); achieved = useful FLOPs / time; executed GFLOP/s counts the padded "
-        "batches every engine really runs (fedfit's measured client FLOPs).",
-        "",
-    ]
-    sampling = [r["sampler_cpu_s"] / r["wall_s"] for r in rows if r.get("sampler_cpu_s")]
-    if sampling:
-        out += [f"The RSS sampler used at most {max(sampling):.1%} of one core during a run.", ""]
-    if peak:
-        cells = "; ".join(
-            f"{tag}: " + ", ".join(f"n={r['n']} {r['gflops']:.1f}" for r in info["rows"])
-            for tag, info in result["matmul"].items()
-        )
-        out += [f"fp32 matmul GFLOP/s ({cells}); peak taken as {peak / 1e9:.1f} GFLOP/s.", ""]
-    out += [f"- {c}" for c in result.get("checks", [])] + ([""] if result.get("checks") else [])
-    for rounds in sorted({r["rounds"] for r in rows}):
-        at = [r for r in rows if r["rounds"] == rounds]
-        first = next((r for r in at if r.get("useful_flops")), None)
-        fed = next((r for r in at if r.get("fedfit_flops")), None)
-        out += [f"## {rounds} round{'s' * (rounds != 1)}", ""]
-        if first:
-            line = f"Useful FLOPs (real tokens): {_g(first['useful_flops'], 2)} GFLOP"
-            if fed:
-                line += (
-                    f"; fedfit's measured client FLOPs (padded batches): "
-                    f"{_g(fed['fedfit_flops'], 2)} GFLOP "
-                    f"({fed['fedfit_flops'] / first['useful_flops']:.2f}x)"
-                )
-            replay = result.get("replays", {}).get(str(rounds), {})
-            line += f"; {first['steps']} client steps"
-            if replay:
-                line += (
-                    f", of which fedfit's cost meter instruments {replay['meter_measured_steps']}"
-                    " (the first step of each batch shape, with and without optimiser state; "
-                    "per process: each Ray/Flower actor has its own meter)"
-                )
-            out += [line + ".", ""]
-        header = (
-            "engine | end to end | round loop | eval | outside | peak RSS (tree) | largest "
-            "process | procs | GFLOP/s loop | GFLOP/s e2e | loop / peak | executed GFLOP/s loop "
-            "| accuracy | max abs diff vs ref | max abs update"
-        )
-        cells = []
-        for r in at:
-            frac = r.get("peak_fraction_loop")
-            diff = f"{r['max_abs_diff']:.2e} ({r['params_vs']})" if "max_abs_diff" in r else "-"
-            update = f"{r['max_abs_update']:.2e}" if "max_abs_update" in r else "-"
-            cells.append(
-                [
-                    r["engine"],
-                    f"{r['wall_s']:.1f} s",
-                    f"{r['train_s']:.1f} s",
-                    f"{r['eval_s']:.1f} s",
-                    f"{r['outside_loop_s']:.1f} s",
-                    _mib(r.get("peak_rss_sum_bytes")),
-                    _mib(r.get("peak_rss_single_bytes")),
-                    r.get("processes_max", "-"),
-                    _g(r.get("achieved_flops_loop")),
-                    _g(r.get("achieved_flops_e2e")),
-                    "-" if frac is None else f"{frac:.2f}",
-                    _g(r.get("executed_flops_loop")),
-                    f"{r['accuracy']:.4f}",
-                    diff,
-                    update,
-                ]
-            )
-        out += _md_table(header, cells)
-    if result.get("ratios"):
-        out += ["## Ratios", ""]
-        cells = [
-            [
-                q["ratio"],
-                q["of"],
-                q["rounds"],
-                f"{q['value']:.2f}",
-                q["goal"] or "-",
-                "-" if q["met"] is None else ("yes" if q["met"] else "**no**"),
-            ]
-            for q in result["ratios"]
-        ]
-        out += _md_table("ratio | of | rounds | value | goal | met", cells)
-    if result.get("growth"):
-        out += ["## Cost per round and fixed cost (line through the scales)", ""]
-        cells = [
-            [
-                g["engine"],
-                f"{g['wall_s_per_round']:.2f} s",
-                f"{g['wall_s_fixed']:.1f} s",
-                f"{g['train_s_per_round']:.2f} s",
-                f"{g['train_s_fixed']:.1f} s",
-                _mib(g.get("peak_rss_sum_bytes_per_round")),
-                _mib(g.get("peak_rss_sum_bytes_fixed")),
-            ]
-            for g in result["growth"]
-        ]
-        header = (
-            "engine | end to end / round | fixed (end to end at 0 rounds) | round loop / round "
-            "| loop at 0 rounds | peak RSS / round | peak RSS at 0 rounds"
-        )
-        out += _md_table(header, cells)
-    return "\n".join(out) + "\n"
-
-
-def plot(result: dict[str, Any]) -> Any:
-    """One panel per scale: each engine's end-to-end time split into outside the loop, the
-    round loop and evaluation."""
-    from matplotlib.figure import Figure
-
-    scales = sorted({r["rounds"] for r in result["rows"]})
-    fig = Figure(figsize=(4.2 * len(scales) + 1, 3.6), layout="constrained")
-    axes = fig.subplots(1, len(scales), squeeze=False)[0]
-    parts = (("outside_loop_s", "outside the loop"), ("train_s", "round loop"),
-             ("eval_s", "evaluation"))  # fmt: skip
-    for ax, rounds in zip(axes, scales, strict=True):
-        rows = [r for r in result["rows"] if r["rounds"] == rounds]
-        bottom = [0.0] * len(rows)
-        for i, (key, label) in enumerate(parts):
-            values = [r[key] for r in rows]
-            ax.bar([r["engine"] for r in rows], values, bottom=bottom, label=label, color=f"C{i}")
-            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-        ax.set_title(f"{rounds} rounds", fontsize=9)
-        ax.set_ylabel("seconds, end to end")
-    axes[0].legend(fontsize=8)
-    return fig
 
 
 # ---------------------------------------------------------------- main
@@ -996,9 +319,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in WORKERS:
-        WORKERS[argv[0]](json.loads(argv[1]))
-        return
     # SIGTERM ends the benchmark like Ctrl-C: run_measured's finally kills the engine's session.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from common import log, write_outputs
@@ -1051,15 +371,11 @@ def main(argv: list[str] | None = None) -> None:
             "warm-up",
             run_measured(worker_cmd("--floor-worker", spec), work / "warmup.log", args.timeout),
         )
-        num_labels = json.loads((work / "warmup.json").read_text())["num_labels"]
-    else:
-        num_labels = 3  # tweets: negative / neutral / positive
     log("FLOPs of one training step per sequence length")
     flops_out = work / "flops_per_length.json"
     spec = {
         "sets": overrides(args, 1, work / "runs", "flops"),
         "out": str(flops_out),
-        "num_labels": num_labels,
         "attn": args.floor_attn,
         "rounds": [args.rounds * s for s in args.scales],
     }

@@ -5,7 +5,7 @@ from a task-aligned start, at hundreds of rounds.
     .venv/bin/python benchmarks/forward_accuracy.py --quick     # smoke test on tiny-bert
 
 Resumable: rerunning the same command skips every finished cell (benchmarks/cells.py).
-Claims tested (Spry, Panchal et al., NeurIPS 2024; SEEDS.md section 3):
+Claims tested (Spry, Panchal et al., NeurIPS 2024; docs/methods.md):
 
 - Spry ends within 6 points of backprop LoRA (FedAvg) at the same rounds (paper: 0.6-6.2);
 - Spry ends above FedMeZO (paper: 5.2-13.5 points);
@@ -58,6 +58,14 @@ METHODS = ("spry", "fedavg-lora", "fedmezo", "fedfgd", "fwdllm", "baffle")
 ADAMW_LRS = (3e-4, 1e-3, 3e-3)
 ZO_LRS = (3e-4, 1e-3, 3e-3)
 ZO_EPS = (1e-3, 1e-2)
+# Baffle's step costs 2 forward passes per perturbation: two points, the winners of Spry
+# (1e-3) and FedFGD (3e-3)
+COSTLY = {"baffle": ((1e-3, 3e-3), (None,))}
+# from a random head the head has far to go: two points each, from the class-mean sweeps'
+# winners up (AdamW 1e-3, 3e-3; FedMeZO 3e-3, 1e-2 at eps 1e-2)
+RANDOM_ADAMW_LRS = (1e-3, 3e-3)
+RANDOM_ZO = ((3e-3, 1e-2), (1e-2,))
+RANDOM_METHODS = ("spry", "fedavg-lora", "fedmezo")
 FULL = {"rounds": 100, "sweep_rounds": 20, "local_steps": 10, "clients": 4, "eval_every": 10,
         "tangents": 4}  # fmt: skip
 QUICK = {"rounds": 2, "sweep_rounds": 1, "local_steps": 2, "clients": 3, "eval_every": 1,
@@ -68,8 +76,11 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
     return [
         "model.name=tiny-bert" if args.quick else "model.name=minilm-l3",
         "model.max_length=64",
-        "model.head_init=ncm",
-        f"model.head_init_clients={4 if args.quick else 10}",
+        *(
+            ["model.head_init=ncm", f"model.head_init_clients={4 if args.quick else 10}"]
+            if args.start == "ncm"
+            else ["model.head_init=random"]
+        ),
         f"data.num_clients={12 if args.quick else 100}",
         f"data.clients_per_round={args.clients}",
         "data.partition=inner_dirichlet",
@@ -99,11 +110,13 @@ def method_overrides(method: str, lr: float, eps: float | None, tangents: int) -
     return [f"method.name={method}", "method.peft=lora", *LORA, *own, *adamw]
 
 
-def grid(method: str) -> tuple[tuple[float, ...], tuple[float | None, ...]]:
-    """The method's lr values and eps values (see cells.sweep)."""
+def grid(method: str, start: str) -> tuple[tuple[float, ...], tuple[float | None, ...]]:
+    """The method's lr values and eps values (see cells.sweep) from this start."""
+    if start == "random":
+        return RANDOM_ZO if method == "fedmezo" else (RANDOM_ADAMW_LRS, (None,))
     if method == "fedmezo":
         return ZO_LRS, ZO_EPS
-    return ADAMW_LRS, (None,)
+    return COSTLY.get(method, (ADAMW_LRS, (None,)))
 
 
 def cell(method: str, lr: float, eps: float | None, rounds: int, tag: str, tangents: int) -> Cell:
@@ -146,7 +159,7 @@ def claims(rows: list[dict[str, Any]]) -> list[str]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        "# Forward-gradient methods from a class-mean head (benchmarks/forward_accuracy.py)",
+        f"# Forward-gradient methods from {result['start']} (benchmarks/forward_accuracy.py)",
         "",
         f"Command: `{result['command']}`",
         "",
@@ -170,25 +183,39 @@ def main(argv: list[str] | None = None) -> None:
     for key in FULL:
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=METHODS,
+        help=f"default: all; with --start random: {' '.join(RANDOM_METHODS)}",
+    )
+    p.add_argument("--start", choices=("ncm", "random"), default="ncm",
+                   help="the head before round 1: federated class means, or random as Spry's "
+                   "and FwdLLM's own scripts start")  # fmt: skip
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.methods is None:
+        args.methods = list(RANDOM_METHODS if args.start == "random" else METHODS)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    name = "forward_accuracy-quick" if args.quick else "forward_accuracy"
+    name = ("forward_accuracy" if args.start == "ncm" else "forward_accuracy_random") + (
+        "-quick" if args.quick else ""
+    )
     out = args.out or (Path("/tmp") / name if args.quick else RESULTS / name)
     setting = (
         f"tweets, 100 clients inner_dirichlet(1.0), {args.clients} per round, minilm-l3, "
-        f"batch 8, {args.local_steps} local steps, LoRA r=1 alpha=1 + head, class-mean head "
-        f"start (10 clients), FwdLLM/Baffle {args.tangents} tangents; sweep "
+        f"batch 8, {args.local_steps} local steps, LoRA r=1 alpha=1 + head, "
+        f"{'class-mean head start (10 clients)' if args.start == 'ncm' else 'random head'}, FwdLLM/Baffle {args.tangents} tangents; sweep "
         f"{args.sweep_rounds} rounds, long runs {args.rounds} rounds "
         f"({args.rounds * args.local_steps} sequential client steps)."
     )
     common = base_overrides(args)
     header = {"setting": setting, "benchmark": name, "base": common}
     ledger = Ledger(out.with_suffix(".json"), header)
-    result: dict[str, Any] = {"rows": [], "sweep": [], "claims": [], "notes": []}
+    start = "a class-mean head" if args.start == "ncm" else "a random head"
+    result: dict[str, Any] = {"rows": [], "sweep": [], "claims": [], "notes": [], "start": start}
 
     def write() -> None:
         write_result(ledger, out, result, claims, markdown)
@@ -201,7 +228,9 @@ def main(argv: list[str] | None = None) -> None:
         return run_cell(ledger, name, DEFAULT_TOML, common, c)
 
     for method in args.methods:
-        sweep_then_long(method, run_point, grid(method), make_cell, args.local_steps, result, write)
+        sweep_then_long(
+            method, run_point, grid(method, args.start), make_cell, args.local_steps, result, write
+        )
     write()
     log(f"wrote {out.with_suffix('.md')} (run folders under {RUNS / name})")
 

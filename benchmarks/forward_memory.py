@@ -5,7 +5,7 @@ backprop full fine-tuning, measured on the real models.
     .venv/bin/python benchmarks/forward_memory.py --quick         # tiny-bert, tiny-llama
     .venv/bin/python benchmarks/forward_memory.py --device cuda   # CUDA peak memory
 
-Checks Spry's claim (SEEDS.md section 3): peak memory 1.4-7.1x lower than backprop, mostly
+Checks Spry's claim (docs/methods.md): peak memory 1.4-7.1x lower than backprop, mostly
 from activations. Every step is the engine's own: the method's ``prepare`` (LoRA r=8 on
 query/value + head for classification, on q_proj/v_proj for the causal LM), the method's
 gradient computation (Spry: the share of client 0 of a 10-client round; FedFGD: every LoRA
@@ -36,6 +36,7 @@ import torch
 from fedfit.algorithms import make_algorithm
 from fedfit.config import load_config
 from fedfit.costs import measure_step, run_step
+from fedfit.log import log
 from fedfit.models import load_model
 from fedfit.report import format_bytes, format_flops
 
@@ -48,10 +49,6 @@ FULL = {
 }
 QUICK = {"tiny-bert": [(4, 32), (16, 64)], "tiny-llama": [(4, 32)]}
 TASK = {"minilm-l6": "classification", "tiny-bert": "classification"}
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def make_batch(task: str, batch: int, length: int, device: str) -> dict[str, torch.Tensor]:

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/layers_vs_lora.py [--rounds 10] [--methods layers,lora,...]
     .venv/bin/python benchmarks/layers_vs_lora.py --quick      # smoke test, ~1-2 min on 2 cores
 
-Checks the claim of Pfeiffer et al. (arXiv 2411.07826, SEEDS.md section 1): "layer
+Checks the claim of Pfeiffer et al. (arXiv 2411.07826, docs/methods.md): "layer
 fine-tuning beats LoRA at equal memory and FLOP budgets". Every run starts from
 examples/default.toml (tweets, 100 clients, Dirichlet(0.5), 10 per round) and differs only in
 the method and the device population: homogeneous memory budgets of 1/8, 1/4, 1/2 and 1x of
@@ -41,7 +41,9 @@ from matplotlib.figure import Figure
 
 from fedfit.algorithms import ALGORITHMS
 from fedfit.config import Config, apply_overrides, from_dict
-from fedfit.engine.local import run
+from fedfit.engine.experiment import run
+from fedfit.engine.runfolder import RunFolder
+from fedfit.log import log
 from fedfit.report import format_bytes, format_duration, format_flops
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,10 +60,6 @@ FULL = {"rounds": 10, "local_steps": 4, "eval_examples": 500, "model": "minilm-l
 QUICK = {"rounds": 2, "local_steps": 2, "eval_examples": 100, "model": "tiny-bert"}
 QUICK_DATA = {"num_clients": 12, "clients_per_round": 3}
 NO_FIT = "no device of the population fits"
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _toml(value: Any) -> str:
@@ -113,10 +111,6 @@ def run_name(budget: str, method: str) -> str:
     return f"{'het' if budget == 'het' else 'mem-' + budget.replace('/', '_')}-{method}"
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def trained_stats(clients: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean trained depth (blocks) and LoRA rank over every client update, parsed from the
     "trained" field ("top 3 blocks + head", "LoRA r=8 + head", "full model", "head only")."""
@@ -162,8 +156,8 @@ def measure_run(method: str, budget: str, args: argparse.Namespace) -> dict[str,
         if NO_FIT not in str(err):
             raise
         return {**row, "status": "all devices excluded", "reason": str(err)}
-    summary = json.loads((run_dir / "summary.json").read_text())
-    clients = _read_jsonl(run_dir / "clients.jsonl")
+    folder = RunFolder(run_dir)
+    summary, clients = folder.summary(), folder.clients()
     rounds = max(summary["rounds_completed"], 1)
     per_client = summary["per_client"]
     return {
@@ -284,7 +278,7 @@ def markdown(result: dict[str, Any]) -> str:
         + ". Peak memory is the max over every client update, FLOPs and upload are per client "
         "per round (mean), all measured.",
         "",
-        'Claim (SEEDS.md section 1, Pfeiffer et al.): "layer fine-tuning beats LoRA at equal '
+        'Claim (docs/methods.md, Pfeiffer et al.): "layer fine-tuning beats LoRA at equal '
         'memory and FLOP budgets".',
         "",
         result["verdict"],

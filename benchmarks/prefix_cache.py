@@ -19,7 +19,8 @@ import tomllib
 from pathlib import Path
 
 from fedfit.config import apply_overrides, from_dict
-from fedfit.engine.local import run
+from fedfit.engine.experiment import run
+from fedfit.engine.runfolder import RunFolder
 
 RESULTS = Path(__file__).parent / "results"
 EXAMPLE = Path(__file__).parents[1] / "examples" / "default.toml"
@@ -44,8 +45,7 @@ def one(runs_dir: str, name: str, cache: bool, args: argparse.Namespace) -> dict
         )
     )
     out = run(config, plots=False)
-    rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
-    timing = [json.loads(x) for x in (out / "timing.jsonl").read_text().splitlines()]
+    rounds, timing = RunFolder(out).rounds(), RunFolder(out).timing()
     return {
         "cache": cache,
         "train_s": sum(t["train_s"] for t in timing),

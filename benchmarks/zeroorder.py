@@ -5,7 +5,7 @@ FedSPZO's compute claim.
     .venv/bin/python benchmarks/zeroorder.py --quick         # smoke test on tiny-bert
 
 Resumable: rerunning the same command skips every finished cell (benchmarks/cells.py), so
-it can run for hours in pieces. Claims tested (SEEDS.md section 2, issue 14):
+it can run for hours in pieces. Claims tested (docs/methods.md, issue 14):
 
 - each ZO method ends at least 3 points above its own round-0 accuracy (else: did not learn);
 - FedSPZO reaches a target accuracy that every ZO method reaches with 1.6-3x fewer client
@@ -57,17 +57,28 @@ LORA = ["method.r=1", "method.alpha=1.0"]
 ZO_LRS = (3e-4, 1e-3, 3e-3)
 ZO_EPS = (1e-3, 1e-2)
 BACKPROP_LRS = (1e-3, 3e-3, 1e-2)
+# DeComFL's step costs 5 perturbations (10 forward passes): its grid is two points around
+# its seed-and-scalar sibling FedKSeed's winner (lr 1e-3, eps 1e-2)
+COSTLY = {"decomfl": ((1e-3, 3e-3), (1e-2,))}
+# from a random head the head has far to go: two points, 3x and 10x the class-mean sweeps'
+# winner (head-only ZO learned at 1e-2 and was unstable at 1e-1, issue 14), eps at its winner
+RANDOM_LRS = {"zo": (3e-3, 1e-2), "backprop": (1e-3, 3e-3)}
+RANDOM_METHODS = ("fedmezo", "fedspzo")
 FULL = {"rounds": 100, "sweep_rounds": 20, "local_steps": 20, "clients": 2, "eval_every": 10}
 QUICK = {"rounds": 2, "sweep_rounds": 1, "local_steps": 2, "clients": 2, "eval_every": 1}
 
 
 def base_overrides(args: argparse.Namespace) -> list[str]:
     model = ["model.name=tiny-bert"] if args.quick else ["model.name=minilm-l3"]
+    start = (
+        ["model.head_init=ncm", f"model.head_init_clients={4 if args.quick else 10}"]
+        if args.start == "ncm"
+        else ["model.head_init=random"]
+    )
     return [
         *model,
         "model.max_length=64",
-        "model.head_init=ncm",
-        f"model.head_init_clients={4 if args.quick else 10}",
+        *start,
         f"data.num_clients={12 if args.quick else 100}",
         f"data.clients_per_round={args.clients}",
         "data.min_examples=10",
@@ -89,11 +100,15 @@ def method_overrides(method: str, lr: float, eps: float | None) -> list[str]:
             f"train.lr={lr}", "train.optimizer=sgd", *extra.get(method, [])]  # fmt: skip
 
 
-def grid(method: str) -> tuple[tuple[float, ...], tuple[float | None, ...]]:
-    """The method's lr values and eps values (see cells.sweep)."""
+def grid(method: str, start: str) -> tuple[tuple[float, ...], tuple[float | None, ...]]:
+    """The method's lr values and eps values (see cells.sweep) from this start."""
+    if start == "random":
+        if method == REFERENCE:
+            return RANDOM_LRS["backprop"], (None,)
+        return RANDOM_LRS["zo"], (1e-2,)
     if method == REFERENCE:
         return BACKPROP_LRS, (None,)
-    return ZO_LRS, ZO_EPS
+    return COSTLY.get(method, (ZO_LRS, ZO_EPS))
 
 
 def cell(method: str, lr: float, eps: float | None, rounds: int, tag: str) -> Cell:
@@ -155,7 +170,7 @@ def claims(rows: list[dict[str, Any]]) -> list[str]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        "# Zero-order methods from a class-mean head (benchmarks/zeroorder.py)",
+        f"# Zero-order methods from {result['start']} (benchmarks/zeroorder.py)",
         "",
         f"Command: `{result['command']}`",
         "",
@@ -179,24 +194,40 @@ def main(argv: list[str] | None = None) -> None:
     for key in FULL:
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
-    p.add_argument("--methods", nargs="+", default=[*ZO[:2], REFERENCE, *ZO[2:]])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="default: every ZO method and "
+        f"the backprop reference; with --start random: {' '.join(RANDOM_METHODS)}",
+    )
+    p.add_argument("--start", choices=("ncm", "random"), default="ncm",
+                   help="the head before round 1: federated class means, or random as the "
+                   "forward-gradient references start")  # fmt: skip
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.methods is None:
+        args.methods = list(RANDOM_METHODS if args.start == "random" else (*ZO[:2], REFERENCE,
+                                                                            *ZO[2:]))  # fmt: skip
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    out = args.out or (Path("/tmp/zeroorder-quick") if args.quick else RESULTS / "zeroorder")
-    name = "zeroorder-quick" if args.quick else "zeroorder"
+    name = ("zeroorder" if args.start == "ncm" else "zeroorder_random") + (
+        "-quick" if args.quick else ""
+    )
+    out = args.out or (Path("/tmp") / name if args.quick else RESULTS / name)
+    start = "a class-mean head" if args.start == "ncm" else "a random head"
+    start_note = "class-mean head start (10 clients)" if args.start == "ncm" else "random head"
     setting = (
         f"tweets, 100 clients Dirichlet(0.5), {args.clients} per round, minilm-l3, batch 8, "
-        f"{args.local_steps} local steps, LoRA r=1 alpha=1 + head, class-mean head start "
-        f"(10 clients); sweep {args.sweep_rounds} rounds, long runs {args.rounds} rounds "
+        f"{args.local_steps} local steps, LoRA r=1 alpha=1 + head, {start_note}; "
+        f"sweep {args.sweep_rounds} rounds, long runs {args.rounds} rounds "
         f"({args.rounds * args.local_steps} sequential client steps)."
     )
     common = base_overrides(args)
     header = {"setting": setting, "benchmark": name, "base": common}
     ledger = Ledger(out.with_suffix(".json"), header)
-    result: dict[str, Any] = {"rows": [], "sweep": [], "claims": [], "notes": []}
+    result: dict[str, Any] = {"rows": [], "sweep": [], "claims": [], "notes": [], "start": start}
 
     def write() -> None:
         write_result(ledger, out, result, claims, markdown)
@@ -209,7 +240,9 @@ def main(argv: list[str] | None = None) -> None:
         return run_cell(ledger, name, DEFAULT_TOML, common, c)
 
     for method in args.methods:
-        sweep_then_long(method, run_point, grid(method), make_cell, args.local_steps, result, write)
+        sweep_then_long(
+            method, run_point, grid(method, args.start), make_cell, args.local_steps, result, write
+        )
     write()
     log(f"wrote {out.with_suffix('.md')} (run folders under {RUNS / name})")
 

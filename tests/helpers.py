@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 
 from fedfit.algorithms.base import ClientData
 from fedfit.config import Config, load_config
+from fedfit.engine.runfolder import RunFolder
 
 # A whole federated run on tiny-bert in seconds (the engine tests' workload).
 TINY_RUN = [
@@ -34,8 +34,8 @@ def tiny_run_config(tmp_path: Path, *extra: str, base: list[str] = TINY_RUN) -> 
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a run's .jsonl file."""
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The rows of a run's .jsonl file (``run_dir / "rounds.jsonl"``, ...)."""
+    return RunFolder(path.parent).rows(path.name)
 
 
 def assert_same_as_local(local: Path, remote: Path, rounds: int) -> None:

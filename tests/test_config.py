@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fedfit.config import ConfigError, load_config, to_toml
+from fedfit.config import load_config, to_toml
+from fedfit.errors import ConfigError
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.toml"))
 

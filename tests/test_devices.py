@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedfit.config import ConfigError, build_dataclass
+from fedfit.config import build_dataclass
 from fedfit.devices import (
     Budget,
     DevicesConfig,
@@ -20,6 +20,7 @@ from fedfit.devices import (
     resolve_tiers,
     tier_counts,
 )
+from fedfit.errors import ConfigError
 
 # Round numbers, so fractions are easy to check by hand.
 REF = Reference(

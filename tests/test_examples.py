@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fedfit.config import Config, load_config
-from fedfit.engine.local import run
+from fedfit.engine.experiment import run
 from fedfit.models import get_model_info
 from tests.helpers import read_rows
 

@@ -15,7 +15,7 @@ import torch
 
 from fedfit.cli import main
 from fedfit.models import get_model_info, load_model
-from fedfit.models.local import LocalModelError, inspect_checkpoint
+from fedfit.models.checkpoints import LocalModelError, inspect_checkpoint
 
 WORDS = "good bad fine great awful nice poor calm loud bright dark sweet".split()
 

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedfit.config import ServerConfig
-from fedfit.server_opt import SERVER_OPTIMIZERS, server_step
+from fedfit.server_opt import SERVER_OPTIMIZERS, ServerConfig, server_step
 
 
 def reference(

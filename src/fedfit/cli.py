@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fedfit.engine.executors import executor_names
+
 console = Console(stderr=True)
 
 EPILOG = "Config keys: see examples/default.toml; every key can be overridden with --set."
@@ -116,7 +118,7 @@ def _executor_changes(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedfit.config import load_config
-    from fedfit.engine.local import resume_run, run
+    from fedfit.engine.experiment import resume_run, run
 
     changes = _executor_changes(args)
     if args.resume:
@@ -156,8 +158,8 @@ def cmd_central(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from fedfit.config import load_config
-    from fedfit.engine.plan import plan_rows
-    from fedfit.report import format_bytes, format_flops
+    from fedfit.engine.tier_table import plan_rows
+    from fedfit.units import format_bytes, format_flops
 
     config = load_config(args.config, args.set)
     rows = plan_rows(config, tuple(args.methods or ()))
@@ -189,7 +191,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _print_model_choice(config: Any, out: Console) -> None:
-    from fedfit.engine.plan import choose_model
+    from fedfit.engine.tier_table import choose_model
 
     picked, choices, why = choose_model(config)
     table = Table(title="model choice for layer fine-tuning (Pfeiffer et al.)")
@@ -247,7 +249,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_inspect(path: str) -> int:
     """``fedfit models --inspect PATH``: a local checkpoint's layout and the methods for it."""
     from fedfit.algorithms import ALGORITHMS
-    from fedfit.models.local import inspect_checkpoint
+    from fedfit.models.checkpoints import inspect_checkpoint
 
     ckpt = inspect_checkpoint(path)
     cfg = ckpt.config
@@ -357,7 +359,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--executor",
-        choices=("local", "ray", "flower"),
+        choices=executor_names(),
         help="where clients train: in this process (local, default), on Ray actors (ray) or "
         "through Flower's simulation runtime (flower) (run.executor)",
     )
@@ -440,7 +442,7 @@ def parser() -> argparse.ArgumentParser:
 
 def cmd_flower(args: argparse.Namespace) -> int:
     from fedfit.config import load_config
-    from fedfit.engine.flower import deploy_commands, deploy_local, write_app
+    from fedfit.engine.executors.flower import deploy_commands, deploy_local, write_app
 
     config = load_config(args.config, args.set)
     if args.action == "app":
@@ -474,7 +476,7 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fedfit.config import ConfigError
+    from fedfit.errors import ConfigError
 
     args = parser().parse_args(argv)
     _quiet_libraries()

@@ -1,7 +1,9 @@
 """Run configuration: frozen dataclasses, TOML loading, ``--set key=value`` overrides.
 
-A config file has one table per dataclass below ([run], [model], [data], [train], [server],
-[method], [devices] from fedfit.devices, and [compress]). ``[method]`` holds ``name`` plus
+A config file has one table per section dataclass: [run], [model], [train] and [method] are
+defined below; the others live with the module that owns them ([data] in fedfit.data.config,
+[server] in fedfit.server_opt, [devices] in fedfit.devices, [compress] in fedfit.quantize),
+and this module only assembles them into ``Config``. ``[method]`` holds ``name`` plus
 that method's own options, which are validated against the method's options dataclass (see
 ``fedfit methods``). Every key is checked before any work starts: an unknown key or a bad
 value raises ``ConfigError`` naming the key and what is allowed. The resolved config
@@ -21,21 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedfit.devices import DevicesConfig
-
-
-class ConfigError(ValueError):
-    """A config key or value is not allowed; the message names the key."""
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
-def _choice(value: str, key: str, allowed: typing.Iterable[str]) -> None:
-    allowed = list(allowed)
-    _check(value in allowed, key, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
+from fedfit.data.config import DataConfig as DataConfig
+from fedfit.devices import DevicesConfig as DevicesConfig
+from fedfit.engine.executors import executor_names
+from fedfit.errors import ConfigError as ConfigError
+from fedfit.errors import check, check_choice
+from fedfit.quantize import CompressConfig as CompressConfig
+from fedfit.server_opt import ServerConfig as ServerConfig
 
 
 @dataclass(frozen=True)
@@ -65,16 +59,16 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
-        _check(self.rounds >= 1, "run.rounds", "must be >= 1")
-        _check(self.eval_every >= 1, "run.eval_every", "must be >= 1")
-        _check(self.threads >= 0, "run.threads", "must be >= 0")
-        _check(bool(self.name) and "/" not in self.name, "run.name", "must be a plain folder name")
-        _choice(self.executor, "run.executor", ("local", "ray", "flower"))
-        _check(self.workers >= 1, "run.workers", "must be >= 1")
+        check(self.rounds >= 1, "run.rounds", "must be >= 1")
+        check(self.eval_every >= 1, "run.eval_every", "must be >= 1")
+        check(self.threads >= 0, "run.threads", "must be >= 0")
+        check(bool(self.name) and "/" not in self.name, "run.name", "must be a plain folder name")
+        check_choice(self.executor, "run.executor", executor_names())
+        check(self.workers >= 1, "run.workers", "must be >= 1")
         if self.ray_address:
-            _check(self.executor == "ray", "run.ray_address", 'needs run.executor = "ray"')
+            check(self.executor == "ray", "run.ray_address", 'needs run.executor = "ray"')
             host, _, port = self.ray_address.removeprefix("ray://").rpartition(":")
-            _check(
+            check(
                 bool(host) and port.isdigit(),
                 "run.ray_address",
                 f"{self.ray_address!r} is not host:port (e.g. 127.0.0.1:6379)",
@@ -105,180 +99,14 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        _check(self.max_length >= 2, "model.max_length", "must be >= 2")
-        _choice(self.head_init, "model.head_init", HEAD_INITS)
-        _check(
+        check(self.max_length >= 2, "model.max_length", "must be >= 2")
+        check_choice(self.head_init, "model.head_init", HEAD_INITS)
+        check(
             math.isfinite(self.head_init_scale) and self.head_init_scale > 0,
             "model.head_init_scale",
             "must be a finite number > 0",
         )
-        _check(self.head_init_clients >= 0, "model.head_init_clients", "must be >= 0 (0 = all)")
-
-
-# Fields of DataConfig that describe a local file; setting one without data.path is a mistake
-# (the built-in dataset would silently be used instead), so validation rejects it.
-_LOCAL_ONLY = (
-    "format",
-    "task",
-    "text_column",
-    "label_column",
-    "client_column",
-    "test_path",
-    "test_fraction",
-    "bad_rows",
-)
-_DEFAULT_DATASET = "tweets"
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    name: str = field(
-        default=_DEFAULT_DATASET,
-        metadata={"help": "built-in dataset (fedfit data); with path set: display name"},
-    )
-    num_clients: int = field(default=100, metadata={"help": "clients in the population"})
-    clients_per_round: int = field(default=10, metadata={"help": "clients sampled per round"})
-    partition: str = field(
-        default="dirichlet", metadata={"help": "iid | dirichlet | inner_dirichlet | natural"}
-    )
-    alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration"})
-    min_examples: int = field(default=10, metadata={"help": "minimum examples per client"})
-    max_examples: int = field(
-        default=0,
-        metadata={"help": "keep at most this many examples per client (seeded); 0 = all"},
-    )
-    eval_examples: int = field(
-        default=0, metadata={"help": "held-out examples to evaluate on; 0 = all"}
-    )
-    labels: tuple[str, ...] = field(
-        default=(),
-        metadata={"help": "keep only these classes, in this order (e.g. binary); () = all"},
-    )
-    prompt: str = field(
-        default="",
-        metadata={
-            "help": "causal LMs: classify by the next token after this template holding "
-            "{text}; '' = a classification head"
-        },
-    )
-    label_words: tuple[str, ...] = field(
-        default=(),
-        metadata={"help": "with data.prompt: one word per class, whose token is its logit"},
-    )
-    # A user's own dataset (fedfit.data.local); all of these are ignored-and-rejected when
-    # path is empty.
-    path: str = field(
-        default="", metadata={"help": "local CSV / JSONL / Parquet file or save_to_disk folder"}
-    )
-    format: str = field(
-        default="auto", metadata={"help": "auto (by extension) | csv | jsonl | parquet | hf_disk"}
-    )
-    task: str = field(default="classification", metadata={"help": "classification | lm"})
-    text_column: str = field(default="text", metadata={"help": "column holding the text"})
-    label_column: str = field(
-        default="label", metadata={"help": "column holding the class (string or integer)"}
-    )
-    client_column: str = field(
-        default="", metadata={"help": "client-id column: one client per id; '' = none"}
-    )
-    test_path: str = field(
-        default="", metadata={"help": "held-out file; '' = split off test_fraction"}
-    )
-    test_fraction: float = field(
-        default=0.1, metadata={"help": "held-out share split off with the run seed"}
-    )
-    bad_rows: str = field(
-        default="error",
-        metadata={"help": "bad rows and clients under min_examples: error | skip (counted)"},
-    )
-
-    def __post_init__(self) -> None:
-        _check(self.num_clients >= 1, "data.num_clients", "must be >= 1")
-        _check(
-            1 <= self.clients_per_round <= self.num_clients,
-            "data.clients_per_round",
-            f"must be between 1 and data.num_clients ({self.num_clients})",
-        )
-        _choice(
-            self.partition, "data.partition", ("iid", "dirichlet", "inner_dirichlet", "natural")
-        )
-        _check(self.alpha > 0, "data.alpha", "must be > 0")
-        _check(self.min_examples >= 1, "data.min_examples", "must be >= 1")
-        _check(self.max_examples >= 0, "data.max_examples", "must be >= 0 (0 = all)")
-        _check(self.eval_examples >= 0, "data.eval_examples", "must be >= 0")
-        _check(
-            len(set(self.labels)) == len(self.labels),
-            "data.labels",
-            f"names a class twice: {list(self.labels)}",
-        )
-        _check(self.labels == () or len(self.labels) >= 2, "data.labels", "needs >= 2 classes")
-        if self.prompt:
-            _check(
-                "{text}" in self.prompt,
-                "data.prompt",
-                f"{self.prompt!r} has no {{text}} placeholder for the example",
-            )
-            _check(bool(self.label_words), "data.label_words", "data.prompt needs one per class")
-        else:
-            _check(not self.label_words, "data.label_words", "needs data.prompt")
-        _check(
-            len(set(self.label_words)) == len(self.label_words),
-            "data.label_words",
-            f"names a word twice: {list(self.label_words)}",
-        )
-        if not self.path:
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            for key in _LOCAL_ONLY:
-                _check(
-                    getattr(self, key) == defaults[key],
-                    f"data.{key}",
-                    "describes a local dataset file, but data.path is not set",
-                )
-            return
-        self._check_local()
-        if self.name == _DEFAULT_DATASET:
-            # A local file left unnamed is shown by its file name, never as the built-in one.
-            object.__setattr__(self, "name", Path(self.path).stem or self.path)
-
-    def _check_local(self) -> None:
-        from fedfit.data.local import BAD_ROWS, FORMATS, TASKS
-
-        _choice(self.format, "data.format", FORMATS)
-        _choice(self.task, "data.task", TASKS)
-        _choice(self.bad_rows, "data.bad_rows", BAD_ROWS)
-        _check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
-        _check(bool(self.text_column), "data.text_column", "must name a column")
-        columns = [("data.text_column", self.text_column)]
-        if self.task == "classification":
-            _check(bool(self.label_column), "data.label_column", "must name a column")
-            columns.append(("data.label_column", self.label_column))
-        if self.client_column:
-            columns.append(("data.client_column", self.client_column))
-        for i, (key, column) in enumerate(columns):
-            for other_key, other in columns[:i]:
-                _check(column != other, key, f"{column!r} is also {other_key}")
-        if self.client_column:
-            # One client per id IS the natural partition; mixing it with iid/dirichlet would
-            # silently ignore the column, so the user has to say it.
-            _check(
-                self.partition == "natural",
-                "data.partition",
-                f"data.client_column = {self.client_column!r} gives one client per id: "
-                f'set data.partition = "natural" (it is {self.partition!r})',
-            )
-        else:
-            _check(
-                self.partition != "natural",
-                "data.partition",
-                "'natural' needs client ids from a local file: set data.client_column",
-            )
-        if self.task == "lm":
-            _check(
-                self.partition not in ("dirichlet", "inner_dirichlet"),
-                "data.partition",
-                f"{self.partition!r} splits by label and data.task = 'lm' has no labels: "
-                "use 'iid', or 'natural' with data.client_column",
-            )
+        check(self.head_init_clients >= 0, "model.head_init_clients", "must be >= 0 (0 = all)")
 
 
 # sgd (torch, optional momentum), adamw (torch), adafactor (transformers' implementation with
@@ -300,56 +128,14 @@ class TrainConfig:
     eval_batch_size: int = field(default=64, metadata={"help": "evaluation batch size"})
 
     def __post_init__(self) -> None:
-        _check(self.local_steps >= 0, "train.local_steps", "must be >= 0")
-        _check(self.local_epochs > 0, "train.local_epochs", "must be > 0")
-        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
-        _choice(self.optimizer, "train.optimizer", CLIENT_OPTIMIZERS)
-        _check(self.lr > 0, "train.lr", "must be > 0")
-        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-        _check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)")
-        _check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    optimizer: str = field(
-        default="fedavg", metadata={"help": "fedavg | fedadam | fedyogi | fedadagrad"}
-    )
-    lr: float = field(default=1.0, metadata={"help": "server learning rate (eta)"})
-    beta1: float = field(default=0.9, metadata={"help": "first-moment decay (adaptive)"})
-    beta2: float = field(default=0.99, metadata={"help": "second-moment decay (adam/yogi)"})
-    tau: float = field(default=1e-3, metadata={"help": "adaptivity (epsilon) of FedOpt"})
-
-    def __post_init__(self) -> None:
-        from fedfit.server_opt import SERVER_OPTIMIZERS
-
-        _choice(self.optimizer, "server.optimizer", SERVER_OPTIMIZERS)
-        _check(self.lr > 0, "server.lr", "must be > 0")
-        _check(0 <= self.beta1 < 1, "server.beta1", "must be in [0, 1)")
-        _check(0 <= self.beta2 < 1, "server.beta2", "must be in [0, 1)")
-        _check(self.tau > 0, "server.tau", "must be > 0")
-
-
-@dataclass(frozen=True)
-class CompressConfig:
-    """Lossy compression of what crosses the network (engine/channel.py): unbiased stochastic
-    uniform quantisation to b bits (fedfit.quantize). 32 = float32, no quantisation."""
-
-    upload_bits: int = field(
-        default=32, metadata={"help": "bits per number of the upload (1..8, or 32 = off)"}
-    )
-    download_bits: int = field(
-        default=32, metadata={"help": "bits per number of the download (1..8, or 32 = off)"}
-    )
-    block: int = field(
-        default=0, metadata={"help": "numbers sharing one scale; 0 = one scale per tensor"}
-    )
-
-    def __post_init__(self) -> None:
-        for key in ("upload_bits", "download_bits"):
-            bits = getattr(self, key)
-            _check(1 <= bits <= 8 or bits == 32, f"compress.{key}", "must be 1..8, or 32 (off)")
-        _check(self.block >= 0, "compress.block", "must be >= 0 (0 = per tensor)")
+        check(self.local_steps >= 0, "train.local_steps", "must be >= 0")
+        check(self.local_epochs > 0, "train.local_epochs", "must be > 0")
+        check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        check_choice(self.optimizer, "train.optimizer", CLIENT_OPTIMIZERS)
+        check(self.lr > 0, "train.lr", "must be > 0")
+        check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)")
+        check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -406,28 +192,28 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
                 continue
         raise ConfigError(f"{key}: {value!r} is not a {annotation}")
     if hint in (tuple, list):
-        _check(isinstance(value, list | tuple), key, f"expected a list, got {value!r}")
+        check(isinstance(value, list | tuple), key, f"expected a list, got {value!r}")
         inner = args[0] if args else Any
         return tuple(_coerce(f"{key}[]", v, inner) for v in value)
     if annotation is float:
-        _check(
+        check(
             isinstance(value, int | float) and not isinstance(value, bool),
             key,
             f"expected a number, got {value!r}",
         )
         return float(value)
     if annotation is int:
-        _check(
+        check(
             isinstance(value, int) and not isinstance(value, bool),
             key,
             f"expected an integer, got {value!r}",
         )
         return value
     if annotation is bool:
-        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
         return value
     if annotation is str:
-        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        check(isinstance(value, str), key, f"expected a string, got {value!r}")
         return value
     return value
 
@@ -495,7 +281,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
     parts = {name: build_dataclass(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items()}
     method_values = dict(raw.get("method", {}))
     name = method_values.pop("name", "lora")
-    _check(isinstance(name, str), "method.name", f"expected a string, got {name!r}")
+    check(isinstance(name, str), "method.name", f"expected a string, got {name!r}")
     return Config(**parts, method=_method(name, method_values))
 
 

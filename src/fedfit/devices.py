@@ -13,13 +13,12 @@ units; the ``[devices]`` table (``DevicesConfig``) describes the whole **populat
   seeded permutation decides which ids.
 - ``trace``: a CSV of per-device budgets, columns ``client_id,memory,flops,upload[,download][,tier]``.
 
-**Units** (``parse_bytes`` / ``parse_flops``). Sizes: ``B``, decimal ``kB MB GB TB`` (powers of
-1000, as ``fedfit.report.format_bytes`` prints them) and binary ``KiB MiB GiB TiB`` (powers of
-1024). Units are CASE-SENSITIVE: ``"48mb"`` or ``"2Mb"`` (megabits, as link speeds are quoted)
-is an error that suggests ``MB``, because silently reading bits as bytes would be an 8x mistake;
-``"KB"`` is refused for the same reason (JEDEC uses it for 1024). Compute: ``FLOP`` with prefixes
-``k M G T P`` (``"20GFLOP"``; ``FLOPs`` also accepted). A bare number is a count of the base unit
-(``"5e9"`` FLOP, ``"300"`` bytes); values are rounded to the nearest integer.
+**Units** (``parse_bytes`` / ``parse_flops``, from ``fedfit.units``). Sizes: ``B``, decimal
+``kB MB GB TB`` (powers of 1000, as ``fedfit.units.format_bytes`` prints them) and binary
+``KiB MiB GiB TiB`` (powers of 1024). Units are CASE-SENSITIVE: ``"48mb"`` or ``"2Mb"``
+(megabits) is an error that suggests ``MB``; ``"KB"`` is refused too. Compute: ``FLOP`` with
+prefixes ``k M G T P`` (``"20GFLOP"``; ``FLOPs`` also accepted). A bare number is a count of the
+base unit (``"5e9"`` FLOP, ``"300"`` bytes); values are rounded to the nearest integer.
 
 **Fractions of full fine-tuning**: ``"0.25x"`` or ``"1/8x"`` means that fraction of a
 ``Reference`` (full fine-tuning's cost for the run's model and batch shape, from
@@ -33,15 +32,20 @@ import csv
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from fedfit.config import ConfigError
+from fedfit.errors import ConfigError
+from fedfit.units import (  # BYTE_UNITS, FLOP_UNITS and the parsers are re-exported
+    BYTE_UNITS,
+    FLOP_UNITS,
+    format_bytes,
+    format_flops,
+    parse_bytes,
+    parse_flops,
+)
 
 __all__ = [
     "BYTE_UNITS",
@@ -65,88 +69,14 @@ __all__ = [
 POPULATIONS = ("homogeneous", "tiers", "trace")
 RESOURCES = ("memory", "flops", "upload", "download")
 
-BYTE_UNITS: dict[str, int] = {
-    "B": 1,
-    "kB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KiB": 2**10,
-    "MiB": 2**20,
-    "GiB": 2**30,
-    "TiB": 2**40,
-}
-_FLOP_PREFIXES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
-FLOP_UNITS: dict[str, int] = {
-    f"{p}{base}": scale for p, scale in _FLOP_PREFIXES.items() for base in ("FLOP", "FLOPs")
-}
-
 # Shares must sum to 1 within this (so three tiers of 0.333333 are accepted).
 SHARE_TOLERANCE = 1e-6
 # Salt for the tier permutation's seed, so tier assignment is not correlated with other draws
 # made from the same run seed (client sampling, data partition). ASCII of "tiers".
 _TIER_SALT = 0x7469657273
 
-_NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
-
-def _config_error(message: str) -> ConfigError:
-    """A ``fedfit.config.ConfigError``; imported here because config.py imports this module."""
-    from fedfit.config import ConfigError
-
-    return ConfigError(message)
-
-
-# --------------------------------------------------------------------------- units
-
-
-def _parse_quantity(text: str | int | float, units: dict[str, int], what: str) -> int:
-    """A non-negative number with an optional unit from ``units``, as an integer count."""
-    if isinstance(text, bool):
-        raise ValueError(f"{text!r} is not a {what} amount")
-    allowed = ", ".join(units)
-    if isinstance(text, int | float):
-        value = Decimal(text) if isinstance(text, int) else Decimal(repr(text))
-        if not value.is_finite() or value < 0:
-            raise ValueError(f"{text!r} is not a non-negative {what} amount")
-        return int(value.to_integral_value())
-    match = _NUMBER_UNIT.match(text) if isinstance(text, str) else None
-    if match is None:
-        raise ValueError(
-            f"{text!r} is not a {what} amount: write a number and a unit, e.g. "
-            f"{_example(units)}; units: {allowed}"
-        )
-    number, unit = match.groups()
-    if unit and unit not in units:
-        near = [u for u in units if u.casefold() == unit.casefold()]
-        hint = f" (did you mean {near[0]!r}? units are case-sensitive)" if near else ""
-        raise ValueError(f"{text!r}: unknown unit {unit!r}{hint}; units: {allowed}")
-    try:
-        value = Decimal(number) * units[unit or next(iter(units))]
-    except InvalidOperation as err:  # the regex should make this unreachable
-        raise ValueError(f"{text!r} is not a {what} amount; units: {allowed}") from err
-    return int(value.to_integral_value())
-
-
-def _example(units: dict[str, int]) -> str:
-    return '"48MB", "2MiB"' if "MB" in units else '"20GFLOP", "5e9"'
-
-
-def parse_bytes(text: str | int) -> int:
-    """Bytes from ``"48MB"`` (48_000_000), ``"2MiB"`` (2 * 2**20), ``"300 B"``, ``"300"`` or an int.
-
-    Units are case-sensitive (``BYTE_UNITS``): ``"Mb"`` would be megabits. Raises ``ValueError``
-    naming the text and the allowed units.
-    """
-    return _parse_quantity(text, BYTE_UNITS, "byte")
-
-
-def parse_flops(text: str | int | float) -> int:
-    """FLOPs from ``"20GFLOP"``, ``"1.5TFLOP"``, ``"300MFLOP"``, ``"5e9"`` or a number.
-
-    Prefixes k, M, G, T, P (decimal); ``FLOPs`` is read as ``FLOP``. Raises ``ValueError``.
-    """
-    return _parse_quantity(text, FLOP_UNITS, "FLOP")
+# --------------------------------------------------------------------------- amounts
 
 
 def _parse_fraction(text: str) -> Fraction | None:
@@ -175,15 +105,10 @@ def _check_amount(text: str, resource: str) -> None:
 
 
 def _fmt_bytes(n: int | None) -> str:
-    # Imported here: fedfit.report pulls in matplotlib, and config loading imports this module.
-    from fedfit.report import format_bytes
-
     return "unlimited" if n is None else format_bytes(n)
 
 
 def _fmt_flops(n: int | None) -> str:
-    from fedfit.report import format_flops
-
     return "unlimited" if n is None else format_flops(n)
 
 
@@ -251,7 +176,7 @@ def format_budget(budget: Budget) -> str:
     """One line for logs and tables: ``"memory 48.0 MB, flops 20.0 GFLOP, upload 2.00 MB"``.
 
     Unbounded resources are left out (download is usually unbounded); an unlimited budget is
-    ``"unlimited"``. Units are ``fedfit.report``'s (decimal SI, 3 significant figures).
+    ``"unlimited"``. Units are ``fedfit.units``' (decimal SI, 3 significant figures).
     """
     parts = [
         f"{name} {fmt(value)}"
@@ -302,9 +227,9 @@ def _resolve(text: str, resource: str, reference: Reference | None, where: str) 
         if fraction is None:
             return parse_flops(text) if resource == "flops" else parse_bytes(text)
     except ValueError as err:
-        raise _config_error(f"{where}: {err}") from err
+        raise ConfigError(f"{where}: {err}") from err
     if reference is None:
-        raise _config_error(
+        raise ConfigError(
             f"{where}: {text.strip()!r} is a fraction of full fine-tuning, which needs the "
             "reference costs of the model (none was given)"
         )
@@ -347,29 +272,29 @@ class DevicesConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.margin < 1:
-            raise _config_error("devices.margin: must be in [0, 1)")
+            raise ConfigError("devices.margin: must be in [0, 1)")
         if self.population not in POPULATIONS:
             allowed = ", ".join(map(repr, POPULATIONS))
-            raise _config_error(f"devices.population: {self.population!r} is not one of {allowed}")
+            raise ConfigError(f"devices.population: {self.population!r} is not one of {allowed}")
         for resource in RESOURCES:
             text = getattr(self, resource)
             try:
                 _check_amount(text, resource)
             except ValueError as err:
-                raise _config_error(f"devices.{resource}: {err}") from err
+                raise ConfigError(f"devices.{resource}: {err}") from err
             if text.strip() and self.population == "trace":
-                raise _config_error(
+                raise ConfigError(
                     f"devices.{resource}: not used with population = 'trace' (the trace file "
                     "gives every budget); remove it"
                 )
         if self.population == "tiers":
             _parse_tier_specs(self.tiers)  # raises ConfigError naming devices.tiers
         elif self.tiers:
-            raise _config_error("devices.tiers: only used with population = 'tiers'")
+            raise ConfigError("devices.tiers: only used with population = 'tiers'")
         if self.population == "trace" and not self.trace.strip():
-            raise _config_error("devices.trace: population = 'trace' needs a CSV path")
+            raise ConfigError("devices.trace: population = 'trace' needs a CSV path")
         if self.population != "trace" and self.trace:
-            raise _config_error("devices.trace: only used with population = 'trace'")
+            raise ConfigError("devices.trace: only used with population = 'trace'")
 
     @property
     def needs_reference(self) -> bool:
@@ -390,7 +315,7 @@ class _TierSpec:
 def _parse_tier_specs(items: Sequence[str]) -> list[_TierSpec]:
     """Parse and validate the ``devices.tiers`` strings; every error names ``devices.tiers``."""
     if not items:
-        raise _config_error(
+        raise ConfigError(
             "devices.tiers: population = 'tiers' needs at least one tier, e.g. "
             '["small share=0.5 memory=0.25x", "large share=0.5 memory=1x"]'
         )
@@ -399,38 +324,38 @@ def _parse_tier_specs(items: Sequence[str]) -> list[_TierSpec]:
         key = f"devices.tiers[{i}]"
         words = item.split()
         if not words or "=" in words[0]:
-            raise _config_error(f"{key}: {item!r} must start with the tier's name")
+            raise ConfigError(f"{key}: {item!r} must start with the tier's name")
         name, pairs = words[0], words[1:]
         if any(spec.name == name for spec in specs):
-            raise _config_error(f"{key}: duplicate tier name {name!r}")
+            raise ConfigError(f"{key}: duplicate tier name {name!r}")
         values: dict[str, str] = {}
         for pair in pairs:
             k, sep, v = pair.partition("=")
             if not sep or k not in ("share", *RESOURCES):
-                raise _config_error(
+                raise ConfigError(
                     f"{key}: {pair!r} in {item!r}: expected key=value with key one of "
                     f"share, {', '.join(RESOURCES)}"
                 )
             if k in values:
-                raise _config_error(f"{key}: {k!r} given twice in {item!r}")
+                raise ConfigError(f"{key}: {k!r} given twice in {item!r}")
             values[k] = v
         if "share" not in values:
-            raise _config_error(f"{key}: tier {name!r} needs share=<fraction of the population>")
+            raise ConfigError(f"{key}: tier {name!r} needs share=<fraction of the population>")
         try:
             share = Fraction(values.pop("share"))
         except (ValueError, ZeroDivisionError) as err:
-            raise _config_error(f"{key}: tier {name!r}: share is not a number ({err})") from err
+            raise ConfigError(f"{key}: tier {name!r}: share is not a number ({err})") from err
         if not 0 < share <= 1:
-            raise _config_error(f"{key}: tier {name!r}: share must be in (0, 1], got {share}")
+            raise ConfigError(f"{key}: tier {name!r}: share must be in (0, 1], got {share}")
         for resource, text in values.items():
             try:
                 _check_amount(text, resource)
             except ValueError as err:
-                raise _config_error(f"{key}: tier {name!r}: {resource}: {err}") from err
+                raise ConfigError(f"{key}: tier {name!r}: {resource}: {err}") from err
         specs.append(_TierSpec(name, share, values))
     total = sum((spec.share for spec in specs), Fraction(0))
     if abs(total - 1) > SHARE_TOLERANCE:
-        raise _config_error(
+        raise ConfigError(
             f"devices.tiers: shares sum to {float(total):.6g}, not 1 "
             f"({', '.join(f'{s.name}={float(s.share):g}' for s in specs)})"
         )
@@ -586,7 +511,7 @@ def read_trace(path: str | Path, num_clients: int, reference: Reference | None) 
     """
     path = Path(path)
     if not path.is_file():
-        raise _config_error(f"devices.trace: {str(path)!r} does not exist")
+        raise ConfigError(f"devices.trace: {str(path)!r} does not exist")
     rows: dict[int, tuple[Budget, str, int]] = {}
     extra: list[int] = []
     with path.open(newline="") as f:
@@ -596,7 +521,7 @@ def read_trace(path: str | Path, num_clients: int, reference: Reference | None) 
         missing = [c for c in _TRACE_REQUIRED if c not in header]
         unknown = [c for c in header if c not in _TRACE_REQUIRED + _TRACE_OPTIONAL]
         if missing or unknown:
-            raise _config_error(
+            raise ConfigError(
                 f"{path}:1: header {','.join(header)!r}: "
                 + (f"missing columns {missing}; " if missing else "")
                 + (f"unknown columns {unknown}; " if unknown else "")
@@ -606,19 +531,15 @@ def read_trace(path: str | Path, num_clients: int, reference: Reference | None) 
             line = reader.line_num
             where = f"{path}:{line}"
             if None in row:
-                raise _config_error(f"{where}: more cells than the {len(header)} columns")
+                raise ConfigError(f"{where}: more cells than the {len(header)} columns")
             if any(row[c] is None for c in header):
-                raise _config_error(f"{where}: fewer cells than the {len(header)} columns")
+                raise ConfigError(f"{where}: fewer cells than the {len(header)} columns")
             cid_text = row["client_id"].strip()
             if not re.fullmatch(r"[0-9]+", cid_text):
-                raise _config_error(
-                    f"{where}: client_id {cid_text!r} is not a non-negative integer"
-                )
+                raise ConfigError(f"{where}: client_id {cid_text!r} is not a non-negative integer")
             cid = int(cid_text)
             if cid in rows:
-                raise _config_error(
-                    f"{where}: client_id {cid} already given on line {rows[cid][2]}"
-                )
+                raise ConfigError(f"{where}: client_id {cid} already given on line {rows[cid][2]}")
             if cid >= num_clients:
                 extra.append(cid)
             budget = Budget(
@@ -630,7 +551,7 @@ def read_trace(path: str | Path, num_clients: int, reference: Reference | None) 
             rows[cid] = (budget, (row.get("tier") or "").strip() or "trace", line)
     absent = [c for c in range(num_clients) if c not in rows]
     if absent or extra:
-        raise _config_error(
+        raise ConfigError(
             f"devices.trace: {path} must give client ids 0..{num_clients - 1} exactly: "
             + "; ".join(
                 part

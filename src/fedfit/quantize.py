@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from fedfit.errors import check
 
 MAX_BITS = 8
 
@@ -40,6 +42,28 @@ MAX_BITS = 8
 # LAST separator, and field names contain no ".", so even non-PyTorch names round-trip.
 SEP = ".."
 _QUANT_FIELDS = frozenset({"q", "lo", "step", "meta"})
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Lossy compression of what crosses the network (engine/channel.py): unbiased stochastic
+    uniform quantisation to b bits (this module). 32 = float32, no quantisation."""
+
+    upload_bits: int = field(
+        default=32, metadata={"help": "bits per number of the upload (1..8, or 32 = off)"}
+    )
+    download_bits: int = field(
+        default=32, metadata={"help": "bits per number of the download (1..8, or 32 = off)"}
+    )
+    block: int = field(
+        default=0, metadata={"help": "numbers sharing one scale; 0 = one scale per tensor"}
+    )
+
+    def __post_init__(self) -> None:
+        for key in ("upload_bits", "download_bits"):
+            bits = getattr(self, key)
+            check(1 <= bits <= 8 or bits == 32, f"compress.{key}", "must be 1..8, or 32 (off)")
+        check(self.block >= 0, "compress.block", "must be >= 0 (0 = per tensor)")
 
 
 def _check_bits(bits: int) -> None:

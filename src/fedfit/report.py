@@ -8,32 +8,36 @@ and from a run still in progress (no ``summary.json`` yet: final/best come from 
 
 Units: sizes and compute use DECIMAL SI prefixes (1 MB = 1e6 bytes, 1 GFLOP = 1e9 FLOP), as
 network bandwidth and FLOP counts are quoted, and are printed with three significant figures
-(``format_bytes(1_500_000) == "1.50 MB"``, ``format_flops(67e9) == "67.0 GFLOP"``).
+(``format_bytes(1_500_000) == "1.50 MB"``, ``format_flops(67e9) == "67.0 GFLOP"``); both come
+from ``fedfit.units`` and are re-exported here.
 
 Plots use matplotlib's object API (``matplotlib.figure.Figure``, rendered by the Agg canvas), never
 ``pyplot``: no display is needed, no global figure registry leaks memory when many runs are
 drawn, and each plotting function returns its Figure so tests can read back the plotted data.
+matplotlib is imported only by the functions that plot, so tables and unit formatting stay light.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
-from matplotlib.axes import Axes
-from matplotlib.axis import Axis
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from fedfit.engine.runfolder import CONFIG, ROUNDS, RunFolder
+from fedfit.units import SI_PREFIXES, format_bytes, format_flops, scale_si, three_sig_figs
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.axis import Axis
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
 __all__ = [
     "XAXES",
@@ -59,7 +63,6 @@ __all__ = [
 METRIC_BY_TASK = {"classification": "accuracy", "lm": "perplexity"}
 _HIGHER_IS_BETTER = {"accuracy": True, "perplexity": False, "loss": False}
 
-_PREFIXES = ("", "k", "M", "G", "T", "P", "E")
 _DPI = 150
 # Readable at the size a PNG is shown in a README or a notebook.
 _STYLE: dict[Any, Any] = {  # keys typed as Any: matplotlib stubs want Literal rc names
@@ -77,51 +80,6 @@ _STYLE: dict[Any, Any] = {  # keys typed as Any: matplotlib stubs want Literal r
 
 
 # --------------------------------------------------------------------------- human units
-
-
-def _scaled(value: float) -> tuple[float, str]:
-    """``value`` divided by the largest power of 1000 that keeps it >= 1 after rounding to 3 s.f."""
-    i = 0
-    # Compare the value rounded to 3 significant figures, so 999_999 B becomes "1.00 MB" and
-    # not "1000 kB".
-    while i < len(_PREFIXES) - 1 and float(f"{value / 1000**i:.3g}") >= 1000:
-        i += 1
-    return value / 1000**i, _PREFIXES[i]
-
-
-def _human(n: float | int | None, unit: str) -> str:
-    """Three significant figures with a decimal SI prefix; plain integers below 1000."""
-    if n is None:
-        return "n/a"
-    x = float(n)
-    if not math.isfinite(x):
-        return f"{x} {unit}"
-    sign = "-" if x < 0 else ""
-    v, prefix = _scaled(abs(x))
-    if not prefix:
-        return f"{sign}{round(v):d} {unit}"
-    return f"{sign}{_three_sf(v)} {prefix}{unit}"
-
-
-def _three_sf(v: float) -> str:
-    """Three significant figures with trailing zeros kept: 1.5 -> "1.50", 214.3 -> "214"."""
-    v = float(f"{v:.3g}")
-    digits = 2 if abs(v) < 10 else 1 if abs(v) < 100 else 0
-    return f"{v:.{digits}f}"
-
-
-def format_bytes(n: float | int | None) -> str:
-    """Bytes with a decimal prefix, 3 significant figures: 1_500_000 -> "1.50 MB", 512 -> "512 B".
-
-    Decimal (1 MB = 10**6 B), not binary (MiB), because link speeds and payload budgets are quoted
-    that way. ``None`` -> "n/a".
-    """
-    return _human(n, "B")
-
-
-def format_flops(n: float | int | None) -> str:
-    """FLOPs with a decimal prefix, 3 significant figures: 67e9 -> "67.0 GFLOP"; ``None`` -> "n/a"."""
-    return _human(n, "FLOP")
 
 
 def format_duration(seconds: float | int | None) -> str:
@@ -143,6 +101,8 @@ def _tick_formatter(unit: str, mantissas: frozenset[int] | None = None) -> FuncF
     An empty ``unit`` gives plain numbers ("300"), for a log perplexity axis.
     """
 
+    from matplotlib.ticker import FuncFormatter
+
     def fmt(value: float, _pos: int | None = None) -> str:
         if value <= 0:
             return ""
@@ -152,7 +112,7 @@ def _tick_formatter(unit: str, mantissas: frozenset[int] | None = None) -> FuncF
                 return ""
         if not unit:
             return f"{value:g}"
-        v, prefix = _scaled(value)
+        v, prefix = scale_si(value)
         return f"{float(f'{v:.3g}'):g} {prefix}{unit}"
 
     return FuncFormatter(fmt)
@@ -240,25 +200,6 @@ class RunRecord:
         return f"{self.name}\n{self.method} · {self.model} · {self.dataset}"
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """One JSON object per line; blank lines skipped; a bad line raises naming ``file:line``."""
-    records: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            if not isinstance(obj, dict):
-                raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
-                )
-            records.append(obj)
-    return records
-
-
 def load_run(path: str | Path) -> RunRecord:
     """Read a run folder.
 
@@ -270,32 +211,17 @@ def load_run(path: str | Path) -> RunRecord:
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"run folder not found: {root}")
-    config_path, rounds_path = root / "config.toml", root / "rounds.jsonl"
-    for required in (config_path, rounds_path):
-        if not required.is_file():
-            raise FileNotFoundError(f"{required}: missing from run folder {root}")
-    try:
-        config = tomllib.loads(config_path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{config_path}: not valid TOML ({err})") from err
-    rounds = _read_jsonl(rounds_path)
+    folder = RunFolder(root)
+    for required in (CONFIG, ROUNDS):
+        if not folder.file(required).is_file():
+            raise FileNotFoundError(f"{folder.file(required)}: missing from run folder {root}")
+    config = folder.config_table()
+    rounds = folder.rounds()
     # Wall times live in timing.jsonl so that rounds.jsonl stays deterministic; join them.
-    timing_path = root / "timing.jsonl"
-    if timing_path.is_file():
-        wall = {t["round"]: t["wall_s"] for t in _read_jsonl(timing_path) if "wall_s" in t}
-        rounds = [dict(r, wall_s=wall[r["round"]]) if r.get("round") in wall else r for r in rounds]
-    clients_path = root / "clients.jsonl"
-    clients = _read_jsonl(clients_path) if clients_path.is_file() else []
-    summary: dict[str, Any] = {}
-    summary_path = root / "summary.json"
-    if summary_path.is_file():
-        try:
-            loaded = json.loads(summary_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{summary_path}:{err.lineno}: not valid JSON ({err.msg})") from err
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{summary_path}: expected a JSON object")
-        summary = loaded
+    wall = {t["round"]: t["wall_s"] for t in folder.timing() if "wall_s" in t}
+    rounds = [dict(r, wall_s=wall[r["round"]]) if r.get("round") in wall else r for r in rounds]
+    summary = folder.summary() if folder.has_summary() else {}
+    clients = folder.clients()
     return RunRecord(path=root, config=config, rounds=rounds, clients=clients, summary=summary)
 
 
@@ -490,6 +416,8 @@ XAXES: dict[str, XAxis] = {
 
 @contextmanager
 def _style() -> Iterator[None]:
+    import matplotlib
+
     # Tick labels are created at draw time, so saving must happen inside the same context.
     with matplotlib.rc_context(_STYLE):
         yield
@@ -546,6 +474,8 @@ def _log_ticks(axis: Axis, unit: str, values: list[float]) -> None:
 
 
 def _format_x_axis(ax: Axes, axis: XAxis, xs: list[float]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     if axis.log and xs:
         ax.set_xscale("log")
         _log_ticks(ax.xaxis, axis.unit, xs)
@@ -554,6 +484,8 @@ def _format_x_axis(ax: Axes, axis: XAxis, xs: list[float]) -> None:
 
 
 def _format_y_axis(ax: Axes, metric: str, ys: list[float]) -> None:
+    from matplotlib.ticker import PercentFormatter
+
     if metric == "accuracy":
         ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
         ax.set_ylabel("accuracy (%)")
@@ -572,6 +504,8 @@ def plot_metric(runs: RunRecord | Sequence[RunRecord], x: str = "round") -> Figu
     One line per run with a marker on every evaluation point; the majority-class baseline as a
     dashed line for classification. Raises ValueError if the runs' metrics differ.
     """
+    from matplotlib.figure import Figure
+
     runs = [runs] if isinstance(runs, RunRecord) else list(runs)
     if not runs:
         raise ValueError("plot_metric needs at least one run")
@@ -615,6 +549,9 @@ def plot_metric(runs: RunRecord | Sequence[RunRecord], x: str = "round") -> Figu
 
 def plot_train_loss(run: RunRecord) -> Figure:
     """Mean client training loss per round (every round, not only evaluation rounds)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     pts = [
         (float(r["round"]), float(r["train_loss"]))
         for r in run.rounds
@@ -633,8 +570,8 @@ def plot_train_loss(run: RunRecord) -> Figure:
 
 def _unit_for(values: list[float], unit: str) -> tuple[float, str]:
     """Divisor and prefixed unit that suit the largest value (e.g. 1e9, "GFLOP")."""
-    _, prefix = _scaled(max(values) if values else 0.0)
-    return 1000.0 ** _PREFIXES.index(prefix), f"{prefix}{unit}"
+    _, prefix = scale_si(max(values) if values else 0.0)
+    return 1000.0 ** SI_PREFIXES.index(prefix), f"{prefix}{unit}"
 
 
 def plot_client_costs(run: RunRecord) -> Figure:
@@ -643,6 +580,9 @@ def plot_client_costs(run: RunRecord) -> Figure:
     One histogram per cost, each value one client in one round; the dashed line is the mean,
     and each panel's title gives the mean and the maximum.
     """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     panels: list[tuple[str, str, Callable[[list[float]], tuple[float, str]]]] = [
         ("peak_memory_bytes", "peak memory", lambda v: (1e6, "MB")),
         ("flops", "compute per round", lambda v: _unit_for(v, "FLOP")),
@@ -668,7 +608,8 @@ def plot_client_costs(run: RunRecord) -> Figure:
                 mean = sum(scaled) / len(scaled)
                 ax.axvline(mean, color="C3", linestyle="--", linewidth=1.5)
                 ax.set_title(
-                    f"mean {_three_sf(mean)} {unit}, max {_three_sf(hi)} {unit}", fontsize=10
+                    f"mean {three_sig_figs(mean)} {unit}, max {three_sig_figs(hi)} {unit}",
+                    fontsize=10,
                 )
                 ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
             else:

@@ -18,14 +18,35 @@ As in Algorithm 2 of the paper there is no bias correction, and v starts at tau^
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
-from fedfit.config import ServerConfig
+from fedfit.errors import check, check_choice
 
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi", "fedadagrad")
 
 Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The ``[server]`` config section: the server optimiser and its hyperparameters."""
+
+    optimizer: str = field(
+        default="fedavg", metadata={"help": "fedavg | fedadam | fedyogi | fedadagrad"}
+    )
+    lr: float = field(default=1.0, metadata={"help": "server learning rate (eta)"})
+    beta1: float = field(default=0.9, metadata={"help": "first-moment decay (adaptive)"})
+    beta2: float = field(default=0.99, metadata={"help": "second-moment decay (adam/yogi)"})
+    tau: float = field(default=1e-3, metadata={"help": "adaptivity (epsilon) of FedOpt"})
+
+    def __post_init__(self) -> None:
+        check_choice(self.optimizer, "server.optimizer", SERVER_OPTIMIZERS)
+        check(self.lr > 0, "server.lr", "must be > 0")
+        check(0 <= self.beta1 < 1, "server.beta1", "must be in [0, 1)")
+        check(0 <= self.beta2 < 1, "server.beta2", "must be in [0, 1)")
+        check(self.tau > 0, "server.tau", "must be > 0")
 
 
 def server_step(

@@ -12,15 +12,16 @@ import torch
 from fedfit.algorithms import make_algorithm
 from fedfit.algorithms.base import ClientContext, Update
 from fedfit.algorithms.hetlora import HetLoraOptions, truncate, truncated_adapters
-from fedfit.compress import payload_bytes
-from fedfit.config import ConfigError, load_config
+from fedfit.config import load_config
 from fedfit.costs.predict import predict
 from fedfit.costs.spec import TrainSpec
 from fedfit.devices import Budget
-from fedfit.engine.local import run
+from fedfit.engine.experiment import run
 from fedfit.engine.meter import CostMeter
 from fedfit.engine.setup import cost_context_for
+from fedfit.errors import ConfigError
 from fedfit.models import load_model
+from fedfit.payload import payload_bytes
 from fedfit.planning import CostContext, Plan
 from tests.engine.test_budgets import tiered
 from tests.helpers import no_dropout, random_shard

@@ -18,10 +18,10 @@ import torch
 
 from fedfit.algorithms import ALGORITHMS, make_algorithm
 from fedfit.algorithms.base import ClientContext, Update
-from fedfit.compress import deserialize, payload_bytes, serialize
 from fedfit.config import load_config
 from fedfit.engine.meter import CostMeter
 from fedfit.models import load_model
+from fedfit.payload import deserialize, payload_bytes, serialize
 from tests.helpers import random_shard
 
 METHODS = sorted(ALGORITHMS)

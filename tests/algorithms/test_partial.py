@@ -9,10 +9,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fedfit.algorithms import make_algorithm
 from fedfit.algorithms.base import ClientContext, ServerState, Update
 from fedfit.algorithms.partial import blocks_per_client, choose_blocks
-from fedfit.compress import payload_bytes
 from fedfit.config import load_config
 from fedfit.engine.meter import CostMeter
 from fedfit.models.configs import TINY_LLAMA
+from fedfit.payload import payload_bytes
 from tests.helpers import random_shard
 
 LAYERS = 4

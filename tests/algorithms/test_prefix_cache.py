@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedfit.config import load_config
-from fedfit.engine.local import run
+from fedfit.engine.experiment import run
 from tests.engine.test_local import TINY
 
 

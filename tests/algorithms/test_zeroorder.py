@@ -16,12 +16,13 @@ from fedfit.algorithms.zeroorder.decomfl import replay_history
 from fedfit.algorithms.zeroorder.kseed import seed_probabilities
 from fedfit.algorithms.zeroorder.mezo import loss_of, mezo_step, step_coeff, trained
 from fedfit.algorithms.zeroorder.spzo import SplitModel, replay_client, spzo_step
-from fedfit.compress import payload_bytes
-from fedfit.config import ConfigError, load_config
+from fedfit.config import load_config
 from fedfit.costs import MemoryTracker, count_flops, measure_step, storage_bytes
 from fedfit.data import collate
 from fedfit.engine.meter import CostMeter
+from fedfit.errors import ConfigError
 from fedfit.models import load_model
+from fedfit.payload import payload_bytes
 from tests.helpers import random_shard
 
 
@@ -357,7 +358,7 @@ def test_server_state_holds_the_global_tensors() -> None:
 def test_engine_run_resumes_and_reports_scalar_bytes(tmp_path) -> None:
     import json
 
-    from fedfit.engine.local import resume_run, run
+    from fedfit.engine.experiment import resume_run, run
     from tests.engine.test_local import tiny
 
     extra = ("method.name=fedkseed-pro", "method.peft=bitfit", "train.lr=1e-3")

@@ -12,7 +12,6 @@ import torch
 
 from fedfit.algorithms import make_algorithm
 from fedfit.algorithms.base import ClientContext, ClientData
-from fedfit.compress import payload_bytes
 from fedfit.config import load_config
 from fedfit.costs import (
     CostEstimate,
@@ -27,6 +26,7 @@ from fedfit.costs.predict import scalar_payload
 from fedfit.devices import Budget
 from fedfit.engine.meter import CostMeter
 from fedfit.models import load_model
+from fedfit.payload import payload_bytes
 from fedfit.planning import CostContext
 
 PEAK_TOL = 0.10  # issue 3 acceptance

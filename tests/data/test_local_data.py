@@ -1,4 +1,4 @@
-"""Users' own datasets from local files (fedfit.data.local): formats, labels, clients, the
+"""Users' own datasets from local files (fedfit.data.files): formats, labels, clients, the
 held-out split, and one test per kind of bad input checking that the message names it."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from fedfit.config import ConfigError, DataConfig
 from fedfit.data import DataError, load_configured, load_dataset, load_local, partition
+from fedfit.data.config import DataConfig
+from fedfit.errors import ConfigError
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedfit.config import load_config
-from fedfit.engine.local import run
+from fedfit.engine.experiment import run
 from tests.engine.test_local import TINY
 
 TIERS = (
@@ -98,7 +98,7 @@ def test_every_registered_method_is_planned(tmp_path: Path) -> None:
     """``fedfit plan``'s rows: a predicted peak, FLOPs and upload for every registered method
     in every tier, and the budget decides who is in (no method lacks a cost model)."""
     from fedfit.algorithms.registry import ALGORITHMS
-    from fedfit.engine.plan import plan_rows
+    from fedfit.engine.tier_table import plan_rows
 
     rows = plan_rows(tiered(tmp_path, "fedavg"), tuple(ALGORITHMS))
     assert {r.method for r in rows} == set(ALGORITHMS)

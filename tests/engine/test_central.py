@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from fedfit.engine.central import run_central, steps_per_round
-from fedfit.engine.local import run
+from fedfit.engine.experiment import run
 from fedfit.engine.setup import build
 from tests.helpers import read_rows, tiny_run_config
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from fedfit.algorithms.base import ClientTask, Update
-from fedfit.compress import payload_bytes, serialize
-from fedfit.config import CompressConfig, ConfigError, load_config
+from fedfit.config import load_config
 from fedfit.engine.channel import Channel
-from fedfit.engine.local import run
-from fedfit.quantize import encode
+from fedfit.engine.experiment import run
+from fedfit.errors import ConfigError
+from fedfit.payload import payload_bytes, serialize
+from fedfit.quantize import CompressConfig, encode
 
 
 def make(upload: int = 32, download: int = 32, block: int = 0, kind: str = "weights") -> Channel:

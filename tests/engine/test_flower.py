@@ -18,8 +18,7 @@ import pytest
 import torch
 
 from fedfit.algorithms.base import ClientTask, Update
-from fedfit.config import ConfigError
-from fedfit.engine.flower import (
+from fedfit.engine.executors.flower import (
     ClientResult,
     deploy_local,
     result_content,
@@ -28,7 +27,8 @@ from fedfit.engine.flower import (
     task_from_content,
     write_app,
 )
-from fedfit.engine.local import run
+from fedfit.engine.experiment import run
+from fedfit.errors import ConfigError
 from tests.helpers import TINY_RUN, assert_same_as_local, read_rows, tiny_run_config
 
 # Two clients (one per SuperNode), both in every round, two rounds.

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from fedfit.algorithms.base import ClientData
-from fedfit.compress import serialize
-from fedfit.config import ConfigError
+from fedfit.engine.experiment import resume_run, run
 from fedfit.engine.head_init import client_class_sums, head_module, ncm_head, prior_loss
-from fedfit.engine.local import load_checkpoint, resume_run, run
+from fedfit.engine.runfolder import RunFolder
 from fedfit.engine.setup import build, evaluate
+from fedfit.errors import ConfigError
 from fedfit.models import load_model
+from fedfit.payload import serialize
 from tests.helpers import read_rows, tiny_run_config
 
 
@@ -106,7 +107,7 @@ def test_ncm_run_round_zero(tmp_path: Path) -> None:
     uploads = [client_class_sums(setup.model, s, 3, 64)[0] for s in setup.shards]
     weight, _ = ncm_head(uploads, 10.0)
     part = run(tiny_run_config(tmp_path, "model.head_init=ncm", "run.name=p"), stop_after=0)
-    state, _ = load_checkpoint(part)
+    state, _ = RunFolder(part).load_checkpoint()
     heads = [t for n, t in state.params.items() if "classifier" in n and n.endswith("weight")]
     assert len(heads) == 1
     torch.testing.assert_close(heads[0], weight, rtol=1e-5, atol=1e-6)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from fedfit.cli import main
-from fedfit.engine.local import resume_run, run, sample_clients
+from fedfit.engine.experiment import resume_run, run
+from fedfit.engine.server import sample_clients
 from tests.helpers import TINY_RUN, read_rows, tiny_run_config
 
 TINY = TINY_RUN

@@ -25,14 +25,15 @@ import pytest
 import torch
 
 from fedfit.cli import _executor_changes, main, parser
-from fedfit.config import ConfigError, load_config
-from fedfit.engine.local import run
+from fedfit.config import load_config
+from fedfit.engine.experiment import run
+from fedfit.errors import ConfigError
 
 ray = pytest.importorskip("ray")
 
 from fedfit.algorithms.base import ClientTask, ServerState  # noqa: E402
-from fedfit.engine.flower import free_port  # noqa: E402
-from fedfit.engine.ray import RayPool, RoundWork, import_ray, split  # noqa: E402
+from fedfit.engine.executors.flower import free_port  # noqa: E402
+from fedfit.engine.executors.ray import RayPool, RoundWork, import_ray, split  # noqa: E402
 from tests.helpers import TINY_RUN, assert_same_as_local, read_rows, tiny_run_config  # noqa: E402
 
 # 3 clients per round split 2 + 1 over two workers; the local executor and each actor on one
@@ -65,7 +66,7 @@ class Head:
         env = {
             **os.environ,
             "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind to 127.0.0.1 (engine/ray.py)
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind to 127.0.0.1 (engine/executors/ray.py)
         }
         self.proc = subprocess.Popen(
             [

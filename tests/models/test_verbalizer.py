@@ -14,7 +14,7 @@ from peft import LoraConfig, TaskType, get_peft_model
 
 from fedfit.algorithms.forward.core import loss_and_jvp
 from fedfit.data.tokens import cache_key, collate, tokenize
-from fedfit.engine.local import run
+from fedfit.engine.experiment import run
 from fedfit.models import load_model
 from fedfit.models.verbalizer import PromptClassifier
 from tests.helpers import read_rows, tiny_run_config

@@ -12,8 +12,8 @@ stepping, and uploads that gradient. The server moves the global weights by
 ``-train.lr * (example-weighted mean gradient)`` through the server optimiser, i.e. one SGD
 step of size ``train.lr`` on the pooled gradient when the server optimiser is plain fedavg.
 
-Subclasses (peft.py) change only ``prepare``: which tensors are trainable, hence trained,
-uploaded, downloaded and aggregated.
+FedAvg is the base's defaults (base.Algorithm); the PEFT methods (peft.py) change only
+``prepare``: which tensors are trainable, hence trained, uploaded, downloaded and aggregated.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from fedfit.algorithms.base import (
+    Algorithm,
     ClientContext,
     ClientData,
     ClientTask,
@@ -33,15 +34,11 @@ from fedfit.algorithms.base import (
     apply_server_update,
     batch_indices,
     load_tensors_,
-    local_train,
-    trainable_tensors,
     weighted_mean,
 )
 from fedfit.algorithms.registry import register
-from fedfit.config import Config
 from fedfit.costs.spec import TrainSpec
-from fedfit.devices import Budget
-from fedfit.planning import CostContext, Plan, check
+from fedfit.planning import CostContext
 
 
 @dataclass(frozen=True)
@@ -49,55 +46,11 @@ class FullOptions:
     """Full fine-tuning has no method options: every parameter is trained."""
 
 
-class FedAvg:
-    """Local training of the trainable tensors, example-weighted mean, server optimiser."""
+class FedAvg(Algorithm):
+    """Local training of the trainable tensors, example-weighted mean, server optimiser:
+    exactly the base's defaults (base.Algorithm)."""
 
     name = "fedavg"
-    # What the upload holds (tests/algorithms/test_matrix.py): the new trainable tensors.
-    payload_kind = "weights"
-
-    def __init__(self, options: object, config: Config) -> None:
-        self.options = options
-        self.config = config
-
-    def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
-        """Every parameter is trainable."""
-        model.requires_grad_(True)
-        return model
-
-    def spec(self, ctx: CostContext) -> TrainSpec:
-        """What every client trains and how, for the cost model (costs/predict.py)."""
-        return TrainSpec("full", optimizer=ctx.optimizer)
-
-    def plan(self, budget: Budget, ctx: CostContext) -> Plan:
-        """Every client trains the same tensors: it fits its budget or is excluded."""
-        return check(self.spec(ctx), budget, ctx)
-
-    def plan_done(self, model: torch.nn.Module, plans: Sequence[Plan]) -> None:
-        """Called once with every client's plan (excluded ones included); nothing to do."""
-
-    def init(self, model: torch.nn.Module) -> ServerState:
-        return ServerState(round=0, params=trainable_tensors(model))
-
-    def start_round(self, state: ServerState, clients: Sequence[int]) -> None:
-        """The round's clients, in order, before any ``configure``; nothing to do here."""
-
-    def configure(
-        self, state: ServerState, client_id: int, seed: int, plan: Plan | None = None
-    ) -> ClientTask:
-        return ClientTask(client_id, state.round + 1, seed, download=state.params)
-
-    def client_update(
-        self, model: torch.nn.Module, task: ClientTask, shard: ClientData, ctx: ClientContext
-    ) -> Update:
-        load_tensors_(model, task.download)
-        metrics = local_train(model, shard, ctx, task.seed)
-        payload = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        return Update(task.client_id, payload, len(shard), metrics)
-
-    def aggregate(self, state: ServerState, updates: Sequence[Update]) -> ServerState:
-        mean = weighted_mean([u.payload for u in updates], [u.num_examples for u in updates])
-        return apply_server_update(state, mean, self.config.server)
 
 
 class NoStepOptimizer(torch.optim.Optimizer):
@@ -116,7 +69,7 @@ class NoStepOptimizer(torch.optim.Optimizer):
 
 
 @register("fedsgd", FullOptions, "FedSGD: clients upload one local gradient, full model")
-class FedSGD(FedAvg):
+class FedSGD(Algorithm):
     name = "fedsgd"
     payload_kind = "gradient"
 

@@ -1,6 +1,6 @@
-"""The Algorithm protocol, the objects that cross it, and the shared pure functions.
+"""The Algorithm base class, the objects that cross it, and the shared pure functions.
 
-An algorithm is four hooks (DESIGN.md), plus ``start_round`` (told the round's sampled
+An algorithm is four hooks (docs/architecture.md), plus ``start_round`` (told the round's sampled
 clients in order before any ``configure``: Spry splits the tensors among them) and ``plan`` (what a device with a given budget
 would train, and its predicted cost, or why it cannot take part): ``init`` builds the server state, ``configure`` says
 what one client gets this round, ``client_update`` trains on one client's shard and returns
@@ -13,21 +13,22 @@ model and a ``ClientContext``; everything random in a client step derives from
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
-from fedfit.compress import Payload
-from fedfit.config import ServerConfig, TrainConfig
+from fedfit.config import Config, ServerConfig, TrainConfig
 from fedfit.costs.measure import StepFn
+from fedfit.costs.spec import TrainSpec
 from fedfit.data import collate
+from fedfit.payload import Payload
+from fedfit.planning import CostContext, Plan, check
 
 if TYPE_CHECKING:
     from fedfit.devices import Budget
-    from fedfit.planning import CostContext, Plan
 
 
 @dataclass
@@ -103,21 +104,68 @@ class ClientContext:
     meter: StepMeter
 
 
-class Algorithm(Protocol):
-    name: str
+class Algorithm:
+    """The base of every method: the hooks (module docstring), each with FedAvg's behaviour
+    (McMahan et al., AISTATS 2017): every parameter trained by local steps, the new trainable
+    tensors uploaded, their example-weighted mean taken through the server optimiser.
 
-    def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module: ...
-    def plan(self, budget: Budget, ctx: CostContext) -> Plan: ...
-    def plan_done(self, model: torch.nn.Module, plans: Sequence[Plan]) -> None: ...
-    def init(self, model: torch.nn.Module) -> ServerState: ...
-    def start_round(self, state: ServerState, clients: Sequence[int]) -> None: ...
+    A method overrides the hooks it changes and nothing else; ``make_algorithm`` builds it
+    as ``cls(options, config)``. Two declarations the engine reads besides the hooks:
+
+    - ``payload_kind``, what an upload holds, for the wire (engine/channel.py): "weights"
+      (the new values of every trainable tensor), "gradient" (FedSGD), "subset" (a share of
+      the trainable tensors) or "scalars" (seeds and projected gradients, which must arrive
+      bit-exact). The engine reads it on the instance, once the options are known, so a
+      method whose upload depends on its options sets it in ``__init__`` (Spry).
+    - ``spec(ctx)``, what a client trains and how, for the cost model (costs/predict.py);
+      ``plan`` checks it against a device's budget.
+    """
+
+    name: str = "fedavg"
+    payload_kind: str = "weights"
+
+    def __init__(self, options: object, config: Config) -> None:
+        self.options = options
+        self.config = config
+
+    def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
+        """Every parameter is trainable."""
+        model.requires_grad_(True)
+        return model
+
+    def spec(self, ctx: CostContext) -> TrainSpec:
+        """What every client trains and how, for the cost model (costs/predict.py)."""
+        return TrainSpec("full", optimizer=ctx.optimizer)
+
+    def plan(self, budget: Budget, ctx: CostContext) -> Plan:
+        """Every client trains the same tensors: it fits its budget or is excluded."""
+        return check(self.spec(ctx), budget, ctx)
+
+    def plan_done(self, model: torch.nn.Module, plans: Sequence[Plan]) -> None:
+        """Called once with every client's plan (excluded ones included); nothing to do."""
+
+    def init(self, model: torch.nn.Module) -> ServerState:
+        return ServerState(round=0, params=trainable_tensors(model))
+
+    def start_round(self, state: ServerState, clients: Sequence[int]) -> None:
+        """The round's clients, in order, before any ``configure``; nothing to do here."""
+
     def configure(
         self, state: ServerState, client_id: int, seed: int, plan: Plan | None = None
-    ) -> ClientTask: ...
+    ) -> ClientTask:
+        return ClientTask(client_id, state.round + 1, seed, download=state.params)
+
     def client_update(
         self, model: torch.nn.Module, task: ClientTask, shard: ClientData, ctx: ClientContext
-    ) -> Update: ...
-    def aggregate(self, state: ServerState, updates: Sequence[Update]) -> ServerState: ...
+    ) -> Update:
+        load_tensors_(model, task.download)
+        metrics = local_train(model, shard, ctx, task.seed)
+        payload = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return Update(task.client_id, payload, len(shard), metrics)
+
+    def aggregate(self, state: ServerState, updates: Sequence[Update]) -> ServerState:
+        mean = weighted_mean([u.payload for u in updates], [u.num_examples for u in updates])
+        return apply_server_update(state, mean, self.config.server)
 
 
 # ---------------------------------------------------------------- shared pure functions
@@ -145,7 +193,7 @@ def weighted_mean(
     """Per-tensor weighted mean over the payloads that hold that tensor.
 
     A tensor missing from some payloads is averaged over the ones that have it, with their
-    weights renormalised (layer-wise averaging, DESIGN.md).
+    weights renormalised (layer-wise averaging, docs/methods.md).
     """
     sums: dict[str, torch.Tensor] = {}
     totals: dict[str, float] = {}
@@ -197,6 +245,15 @@ def make_optimizer(
     return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
 
 
+def client_steps(train: TrainConfig, num_examples: int) -> int:
+    """Optimiser steps of one client's round: ``local_steps``, or ``local_epochs`` passes
+    over its ``num_examples`` in batches of ``batch_size`` (all of them when fewer)."""
+    if train.local_steps:
+        return train.local_steps
+    per_epoch = max(1, num_examples // min(train.batch_size, num_examples))
+    return max(1, round(train.local_epochs * per_epoch))
+
+
 def batch_indices(num_examples: int, train: TrainConfig, seed: int) -> Iterator[np.ndarray]:
     """The client's minibatches: ``local_steps`` batches, or ``local_epochs`` passes.
 
@@ -205,8 +262,7 @@ def batch_indices(num_examples: int, train: TrainConfig, seed: int) -> Iterator[
     """
     rng = np.random.default_rng(seed)
     size = min(train.batch_size, num_examples)
-    per_epoch = max(1, num_examples // size)
-    steps = train.local_steps or max(1, round(train.local_epochs * per_epoch))
+    steps = client_steps(train, num_examples)
     order = rng.permutation(num_examples)
     cursor = 0
     for _ in range(steps):
@@ -240,3 +296,27 @@ def local_train(
         for index in batch_indices(len(shard), ctx.train, seed)
     ]
     return {"train_loss": float(np.mean(losses)), "steps": float(len(losses))}
+
+
+def train_subset(
+    model: torch.nn.Module,
+    names: Collection[str],
+    trainable: Collection[str],
+    train: Callable[[], dict[str, float]],
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Run ``train`` with only ``names`` of the ``trainable`` parameters requiring grad, then
+    make every one of ``trainable`` require grad again (also if ``train`` fails); returns the
+    upload, copies of the ``names`` tensors in name order, and ``train``'s metrics.
+
+    Freezing the rest (not just leaving it out of the optimiser) keeps autograd from saving
+    activations and running backward below the lowest trained tensor (layers, partial).
+    """
+    params = dict(model.named_parameters())
+    try:
+        for name in trainable:
+            params[name].requires_grad_(name in names)
+        metrics = train()
+    finally:
+        for name in trainable:
+            params[name].requires_grad_(True)
+    return {n: params[n].detach().clone() for n in sorted(names)}, metrics

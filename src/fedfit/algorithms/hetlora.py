@@ -35,8 +35,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch.nn import Linear, ModuleDict
 
-from fedfit.algorithms.backprop import FedAvg
 from fedfit.algorithms.base import (
+    Algorithm,
     ClientContext,
     ClientData,
     ClientTask,
@@ -50,10 +50,10 @@ from fedfit.algorithms.base import (
 )
 from fedfit.algorithms.peft import LoRA, LoraOptions
 from fedfit.algorithms.registry import register
-from fedfit.compress import Payload
 from fedfit.config import Config
 from fedfit.costs.spec import TrainSpec
 from fedfit.devices import Budget
+from fedfit.payload import Payload
 from fedfit.planning import CostContext, Plan, first_fit
 
 ADAPTER = "default"  # peft's adapter name
@@ -143,7 +143,7 @@ def _linear_like(weight: torch.Tensor, n_in: int, n_out: int) -> Linear:
 # ---------------------------------------------------------------- the method
 
 
-class HetLoRA(FedAvg):
+class HetLoRA(Algorithm):
     """Each device trains its own LoRA rank; zero-padded example-weighted averaging."""
 
     name = "hetlora"

@@ -1,4 +1,4 @@
-"""Constraint-aware layer fine-tuning (Pfeiffer et al., arXiv 2411.07826), SEEDS.md section 1.
+"""Constraint-aware layer fine-tuning (Pfeiffer et al., arXiv 2411.07826), docs/methods.md.
 
 Each client trains only the top ``n`` transformer blocks plus the head and freezes everything
 below: no parameter below the first trained block requires grad, so autograd saves no
@@ -29,7 +29,6 @@ Choices the paper leaves open, made here:
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,8 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedfit.algorithms.backprop import FedAvg
 from fedfit.algorithms.base import (
+    Algorithm,
     ClientContext,
     ClientData,
     ClientTask,
@@ -48,6 +47,7 @@ from fedfit.algorithms.base import (
     apply_server_update,
     load_tensors_,
     local_train,
+    train_subset,
     weighted_mean,
 )
 from fedfit.algorithms.prefix_cache import PrefixCache
@@ -55,7 +55,8 @@ from fedfit.algorithms.registry import register
 from fedfit.costs.measure import StepFn, backprop
 from fedfit.costs.spec import TrainSpec
 from fedfit.devices import Budget
-from fedfit.models import transformer_layers
+from fedfit.log import log
+from fedfit.models.structure import embeddings, head_modules, transformer_layers
 from fedfit.planning import CostContext, Plan, first_fit
 
 AGGREGATIONS = ("weighted", "r_weighted")
@@ -85,15 +86,6 @@ class LayersOptions:
             )
 
 
-def head_modules(model: torch.nn.Module, task: str) -> list[torch.nn.Module]:
-    """The modules above the transformer blocks that layer fine-tuning always trains."""
-    base = getattr(model, "base_model", model)
-    found = [getattr(base, "pooler", None), getattr(base, "norm", None)]
-    if task == "classification":
-        found += [getattr(model, "classifier", None), getattr(model, "score", None)]
-    return [m for m in found if m is not None]
-
-
 def layer_groups(model: torch.nn.Module, task: str) -> list[list[str]]:
     """Parameter names per trainable unit, top first: [head, block L-1, block L-2, ...]."""
     owner: dict[int, int] = {}
@@ -118,7 +110,7 @@ def trained_names(groups: list[list[str]], depth: int) -> list[str]:
     return [n for group in groups[: depth + 1] for n in group]
 
 
-class LayerFineTuning(FedAvg):
+class LayerFineTuning(Algorithm):
     name = "layers"
     options: LayersOptions
 
@@ -150,10 +142,9 @@ class LayerFineTuning(FedAvg):
             PrefixCache(model, frozen) if self.options.prefix_cache and frozen > 0 else None
         )
         if self.cache is not None:
-            print(
+            log(
                 f"layers: blocks 0-{frozen - 1} are trained by no device; their outputs are "
-                "cached per example (frozen-prefix cache)",
-                file=sys.stderr,
+                "cached per example (frozen-prefix cache)"
             )
 
     def configure(
@@ -168,35 +159,23 @@ class LayerFineTuning(FedAvg):
     ) -> Update:
         load_tensors_(model, task.download)
         names = set(trained_names(self.groups, int(task.config["depth"])))
-        params = dict(model.named_parameters())
         allowed = {n for group in self.groups for n in group}
-        for name in allowed:
-            params[name].requires_grad_(name in names)
         depth = int(task.config["depth"])
         blocks = list(transformer_layers(model))
-        frozen = [self._embeddings(model), *blocks[: len(blocks) - depth]]
+        frozen = [embeddings(model), *blocks[: len(blocks) - depth]]
         cache: PrefixCache | None = getattr(self, "cache", None)
-        try:
+
+        def train() -> dict[str, float]:
             if cache is None:
-                metrics = local_train(model, shard, ctx, task.seed, eval_modules=frozen)
-            else:
-                with cache.replaying():
-                    view = _CachedShard(shard, cache)
-                    meter = _PrefixMeter(ctx.meter, cache)
-                    metrics = local_train(
-                        model, view, ClientContext(ctx.train, meter), task.seed, frozen
-                    )
-        finally:
-            for name in allowed:
-                params[name].requires_grad_(True)
-        payload = {n: params[n].detach().clone() for n in sorted(names)}
+                return local_train(model, shard, ctx, task.seed, eval_modules=frozen)
+            with cache.replaying():
+                view = _CachedShard(shard, cache)
+                meter = _PrefixMeter(ctx.meter, cache)
+                return local_train(model, view, ClientContext(ctx.train, meter), task.seed, frozen)
+
+        payload, metrics = train_subset(model, names, allowed, train)
         metrics["trained_layers"] = float(task.config["depth"])
         return Update(task.client_id, payload, len(shard), metrics)
-
-    @staticmethod
-    def _embeddings(model: torch.nn.Module) -> torch.nn.Module:
-        base: Any = model.base_model if hasattr(model, "base_model") else model
-        return base.embeddings if hasattr(base, "embeddings") else base.embed_tokens
 
     def aggregate(self, state: ServerState, updates: Sequence[Update]) -> ServerState:
         mean = weighted_mean([u.payload for u in updates], [u.num_examples for u in updates])

@@ -1,4 +1,4 @@
-"""Partial variable training (Ro et al., FL4NLP 2022, arXiv 2204.09715), SEEDS.md section 4.
+"""Partial variable training (Ro et al., FL4NLP 2022, arXiv 2204.09715), docs/methods.md.
 
 Each round every client trains, and uploads, only ``k = max(1, round(fraction * L))`` of the
 model's ``L`` transformer blocks (plus the small modules above them, see below); the other
@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedfit.algorithms.backprop import FedAvg
 from fedfit.algorithms.base import (
+    Algorithm,
     ClientContext,
     ClientData,
     ClientTask,
@@ -48,13 +48,13 @@ from fedfit.algorithms.base import (
     apply_server_update,
     load_tensors_,
     local_train,
+    train_subset,
     weighted_mean,
 )
-from fedfit.algorithms.layers import head_modules
 from fedfit.algorithms.registry import register
 from fedfit.config import ConfigError
 from fedfit.costs.spec import TrainSpec
-from fedfit.models import backbone_slots, transformer_layers
+from fedfit.models.structure import embeddings, head_modules, transformer_layers
 from fedfit.planning import CostContext, Plan
 
 SELECTIONS = ("random", "round_robin")
@@ -97,7 +97,7 @@ def choose_blocks(
     return sorted({(start + j) % num_blocks for j in range(k)})
 
 
-class PartialTraining(FedAvg):
+class PartialTraining(Algorithm):
     """Each client trains a per-round subset of the blocks; layer-wise averaging."""
 
     name = "partial"
@@ -113,8 +113,7 @@ class PartialTraining(FedAvg):
         self.shared_names = [
             names[id(p)] for module in head_modules(model, task) for p in module.parameters()
         ]
-        owner, attr, _, _ = backbone_slots(model)
-        self.embedding_module = getattr(owner, attr)
+        self.embedding_module = embeddings(model)
         if self.options.embeddings:
             self.shared_names += [names[id(p)] for p in self.embedding_module.parameters()]
         allowed = {*self.shared_names, *(n for block in self.block_names for n in block)}
@@ -159,20 +158,17 @@ class PartialTraining(FedAvg):
         load_tensors_(model, task.download)
         blocks = [int(b) for b in task.config["blocks"]]
         names = set(self.trained_names(blocks))
-        params = dict(model.named_parameters())
-        allowed = {n for n, p in params.items() if p.requires_grad}
+        allowed = {n for n, p in model.named_parameters() if p.requires_grad}
         all_blocks = list(transformer_layers(model))
         frozen = [all_blocks[i] for i in range(len(all_blocks)) if i not in blocks]
         if not self.options.embeddings:
             frozen.append(self.embedding_module)
-        try:
-            for name in allowed:
-                params[name].requires_grad_(name in names)
-            metrics = local_train(model, shard, ctx, task.seed, eval_modules=frozen)
-        finally:
-            for name in allowed:
-                params[name].requires_grad_(True)
-        payload = {n: params[n].detach().clone() for n in sorted(names)}
+        payload, metrics = train_subset(
+            model,
+            names,
+            allowed,
+            lambda: local_train(model, shard, ctx, task.seed, eval_modules=frozen),
+        )
         metrics["trained_blocks"] = float(len(blocks))
         return Update(task.client_id, payload, len(shard), metrics)
 

@@ -1,7 +1,7 @@
 """Parameter-efficient baselines: LoRA and IA3 through peft, BitFit and head-only by hand.
 
-All four are FedAvg over the trainable tensors only (backprop.FedAvg): the frozen backbone
-never crosses the network, so upload and download are the adapters plus the task head.
+All four are FedAvg over the trainable tensors only (base.Algorithm's defaults): the frozen
+backbone never crosses the network, so upload and download are the adapters plus the task head.
 
 - lora  (Hu et al. 2022): low-rank A, B on the target projections; peft's LoraConfig.
 - ia3   (Liu et al. 2022): learned rescaling vectors; peft's IA3Config with peft's default
@@ -23,25 +23,17 @@ from typing import Any
 import torch
 from peft import IA3Config, LoraConfig, TaskType, get_peft_model
 
-from fedfit.algorithms.backprop import FedAvg
+from fedfit.algorithms.base import Algorithm
 from fedfit.algorithms.registry import register
 from fedfit.costs.spec import TrainSpec
+from fedfit.models.structure import task_head
 from fedfit.planning import CostContext
-
-HEAD_NAMES = ("classifier", "score")
 
 _LORA_TARGETS = {"bert": ("query", "value"), "llama": ("q_proj", "v_proj")}
 
 
 def _task_type(task: str) -> TaskType:
     return TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM
-
-
-def _head_modules(model: torch.nn.Module, task: str) -> list[torch.nn.Module]:
-    if task == "lm":
-        head = model.get_output_embeddings()  # type: ignore[operator]
-        return [head] if head is not None else []
-    return [getattr(model, n) for n in HEAD_NAMES if hasattr(model, n)]
 
 
 @dataclass(frozen=True)
@@ -65,7 +57,7 @@ class LoraOptions:
             raise ConfigError("method.dropout: must be in [0, 1)")
 
 
-class LoRA(FedAvg):
+class LoRA(Algorithm):
     name = "lora"
 
     def spec(self, ctx: CostContext) -> TrainSpec:
@@ -100,7 +92,7 @@ class IA3Options:
     )
 
 
-class IA3(FedAvg):
+class IA3(Algorithm):
     name = "ia3"
 
     def spec(self, ctx: CostContext) -> TrainSpec:
@@ -122,7 +114,7 @@ class NoOptions:
     """This method has no options."""
 
 
-class BitFit(FedAvg):
+class BitFit(Algorithm):
     name = "bitfit"
 
     def spec(self, ctx: CostContext) -> TrainSpec:
@@ -138,12 +130,12 @@ class BitFit(FedAvg):
             )
         for p in biases:
             p.requires_grad_(True)
-        for module in _head_modules(model, task):
+        for module in task_head(model, task):
             module.requires_grad_(True)
         return model
 
 
-class Head(FedAvg):
+class Head(Algorithm):
     name = "head"
     tasks = ("classification",)  # a causal LM has no separate head (tied to the embeddings)
 
@@ -152,7 +144,7 @@ class Head(FedAvg):
 
     def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
         model.requires_grad_(False)
-        heads = _head_modules(model, task)
+        heads = task_head(model, task)
         if not heads:
             raise ValueError(f"head: cannot find the task head of {type(model).__name__}")
         for module in heads:
@@ -173,7 +165,7 @@ def prepare_peft(
     ``prepare`` does, for methods whose ``peft`` option picks the tensors (forward-mode and
     zero-order methods). LoRA without dropout: one deterministic function to probe."""
     if kind == "full":
-        return FedAvg(None, config).prepare(model, task)
+        return Algorithm(None, config).prepare(model, task)
     if kind == "lora":
         return LoRA(LoraOptions(r, alpha, 0.0, target_modules), config).prepare(model, task)
     if kind == "ia3":

@@ -1,4 +1,4 @@
-"""Frozen-prefix cache for layer fine-tuning in simulation (DESIGN.md, "Simulation speed").
+"""Frozen-prefix cache for layer fine-tuning in simulation (docs/architecture.md).
 
 When no device of the population trains the blocks below ``k`` (the deepest plan trains the
 top ``L - k``), the embeddings and blocks ``[0, k)`` never change, and neither does their
@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedfit.algorithms.base import ClientData
 from fedfit.costs import MemoryTracker, StepMemory
-from fedfit.models import backbone_slots, transformer_layers
+from fedfit.models.structure import embeddings, hidden_states_at, swapped, transformer_layers
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,6 @@ class PrefixCost:
         )
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the prefix output is caught."""
-
-
 class _Replay(torch.nn.Module):
     """Stands in for the embedding module: returns the cached states of the current batch."""
 
@@ -74,8 +70,7 @@ class PrefixCache:
         self.model = model
         self.store: dict[tuple[int, int], torch.Tensor] = {}
         self.costs: dict[tuple[int, ...], PrefixCost] = {}
-        emb_owner, emb_attr, _, _ = backbone_slots(model)
-        self.embeddings = getattr(emb_owner, emb_attr)
+        self.embeddings = embeddings(model)
         self.blocks = list(transformer_layers(model))[:k]
         # Parameters and buffers (position ids ...), as measure_step counts weights.
         self.weights_bytes = sum(
@@ -89,38 +84,16 @@ class PrefixCache:
     def modules(self) -> list[torch.nn.Module]:
         return [self.embeddings, *self.blocks]
 
-    @torch.no_grad()
     def _prefix(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Hidden states at the input of block k: the model's own forward (so masks and
-        positions are built as usual) over the first k blocks, stopped right after them."""
-        caught: list[torch.Tensor] = []
-
-        def catch(value: object) -> None:
-            out = value[0] if isinstance(value, tuple) else value
-            caught.append(getattr(out, "last_hidden_state", out))  # type: ignore[arg-type]
-            raise _Stop
-
-        # The real embeddings and the first k blocks, whatever is swapped in at the moment.
-        emb_owner, emb_attr, owner, attr = backbone_slots(self.model)
-        current_emb, full = getattr(emb_owner, emb_attr), getattr(owner, attr)
-        setattr(emb_owner, emb_attr, self.embeddings)
-        setattr(owner, attr, torch.nn.ModuleList(self.blocks))
-        if attr == "layer":  # BERT: the encoder's output after the first k blocks
-            hook = owner.register_forward_hook(lambda m, a, out: catch(out))
-        else:  # Llama: the input of the final norm, after the first k blocks
-            hook = owner.norm.register_forward_pre_hook(lambda m, a: catch(a))
+        """Hidden states at the input of block k, in eval mode: the real embeddings and the
+        first k blocks, whatever is swapped in at the moment (``replaying``)."""
         was_training = self.model.training
-        self.model.eval()
         try:
-            self.model(**{k: v for k, v in batch.items() if k != "labels"})
-        except _Stop:
-            pass
+            with swapped(self.model, self.embeddings, self.blocks):
+                self.model.eval()  # after the swap: it reaches the prefix modules themselves
+                return hidden_states_at(self.model, batch, self.k)
         finally:
-            hook.remove()
-            setattr(emb_owner, emb_attr, current_emb)
-            setattr(owner, attr, full)
             self.model.train(was_training)
-        return caught[0]
 
     def batch(
         self, shard: ClientData, index: Sequence[int] | np.ndarray
@@ -157,13 +130,8 @@ class PrefixCache:
     @contextlib.contextmanager
     def replaying(self) -> Iterator[None]:
         """Swap in the replay module and the blocks from k on, for the duration."""
-        emb_owner, emb_attr, owner, attr = backbone_slots(self.model)
-        embeddings, blocks = getattr(emb_owner, emb_attr), getattr(owner, attr)
-        setattr(emb_owner, emb_attr, self.replay)
-        setattr(owner, attr, torch.nn.ModuleList(list(blocks)[self.k :]))
         try:
-            yield
+            with swapped(self.model, self.replay, list(transformer_layers(self.model))[self.k :]):
+                yield
         finally:
-            setattr(emb_owner, emb_attr, embeddings)
-            setattr(owner, attr, blocks)
             self.replay.hidden = None

@@ -125,6 +125,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fedfit.costs.share import assign_groups, tensor_groups
 from fedfit.costs.spec import TrainSpec
 
 F32 = 4
@@ -579,11 +580,9 @@ def _all_trained(
 
 def _share(tensors: list[_Tensor], spec: TrainSpec) -> list[_Tensor]:
     """Spry: the tensors of the client at ``spec.share = (position, clients)``, split as
-    Spry splits them (forward/spry.py: ``tensor_groups`` then ``assign_groups``)."""
+    Spry splits them (costs/share.py: ``tensor_groups`` then ``assign_groups``)."""
     if spec.share == (0, 1):
         return tensors
-    from fedfit.algorithms.forward.spry import assign_groups, tensor_groups
-
     position, clients = spec.share
     head = [t.name for t in tensors if "classifier" in t.name or "score" in t.name]
     groups = tensor_groups([t.name for t in tensors], head)

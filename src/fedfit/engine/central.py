@@ -18,7 +18,6 @@ estimator instead, so a ZO config has a ZO reference: each round-equivalent is o
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -30,23 +29,23 @@ from fedfit.algorithms.base import (
     ClientData,
     ServerState,
     batch_indices,
+    client_steps,
     load_tensors_,
     make_optimizer,
 )
-from fedfit.config import Config, TrainConfig, to_toml
-from fedfit.engine.local import ProgressFn, RunExistsError, _append, _summary, round0_clients
+from fedfit.config import Config, TrainConfig
 from fedfit.engine.meter import CostMeter
-from fedfit.engine.setup import RunSetup, build, derive_seed, evaluate
+from fedfit.engine.runfolder import ROUNDS, TIMING, RunExistsError, RunFolder
+from fedfit.engine.seeds import derive_seed
+from fedfit.engine.server import ProgressFn, round0_clients, summarize
+from fedfit.engine.setup import RunSetup, build, evaluate
 
 
 def steps_per_round(config: Config, shards: list[ClientData]) -> int:
-    """Optimiser steps the federated run takes per round, summed over its clients."""
-    if config.train.local_steps:
-        per_client = config.train.local_steps
-    else:
-        mean_size = float(np.mean([len(s) for s in shards]))
-        per_client = max(1, round(config.train.local_epochs * mean_size / config.train.batch_size))
-    return per_client * config.data.clients_per_round
+    """Optimiser steps the federated run takes per round, summed over its clients: the
+    clients' mean ``client_steps`` times the clients per round."""
+    mean = float(np.mean([client_steps(config.train, len(s)) for s in shards]))
+    return max(1, round(mean * config.data.clients_per_round))
 
 
 def own_estimator(setup: RunSetup) -> bool:
@@ -88,13 +87,10 @@ def run_central(
     config = dataclasses.replace(
         config, run=dataclasses.replace(config.run, name=f"{config.run.name}-central")
     )
-    run_dir = Path(config.run.output_dir) / config.run.name
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise RunExistsError(f"{run_dir} already exists: use --overwrite to replace it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("rounds.jsonl", "clients.jsonl", "timing.jsonl"):
-        (run_dir / name).unlink(missing_ok=True)
-    (run_dir / "config.toml").write_text(to_toml(config))
+    folder = RunFolder.of(config)
+    if folder.path.exists() and any(folder.path.iterdir()) and not overwrite:
+        raise RunExistsError(f"{folder.path} already exists: use --overwrite to replace it")
+    folder = RunFolder.prepare(config, resume=False, overwrite=True)
 
     t_start = time.perf_counter()
     setup = build(config)
@@ -132,7 +128,7 @@ def run_central(
          "download_bytes": 0, "client_flops": 0, "cum_upload_bytes": 0,
          "cum_download_bytes": 0, "cum_client_flops": 0, "eval": start}
     )  # fmt: skip
-    _append(run_dir / "rounds.jsonl", rows[0])
+    folder.append(ROUNDS, rows[0])
     for round_ in range(1, config.run.rounds + 1):
         t0 = time.perf_counter()
         model.train()
@@ -164,17 +160,17 @@ def run_central(
             if setup.prior_loss is not None:
                 row["eval"]["prior_loss"] = setup.prior_loss
         wall += time.perf_counter() - t0
-        _append(run_dir / "rounds.jsonl", row)
-        _append(run_dir / "timing.jsonl", {"round": round_, "wall_s": round(wall, 3)})
+        folder.append(ROUNDS, row)
+        folder.append(TIMING, {"round": round_, "wall_s": round(wall, 3)})
         rows.append(row)
         if progress:
             progress(round_, config.run.rounds, row.get("eval"))
-    summary = _summary(setup, rows, [], wall)
+    summary = summarize(setup, rows, [], wall)
     summary["method"] = f"central-{config.method.name}"
     # the steps taken (a per-iteration Spry client update is one minibatch, whatever the budget)
     summary["steps"] = steps_taken
     summary["estimator"] = (
         "the method's own (one client on the pooled data)" if estimator else ("backprop")
     )
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return run_dir
+    folder.write_summary(summary)
+    return folder.path

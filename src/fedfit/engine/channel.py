@@ -1,6 +1,6 @@
 """The wire between server and clients: what crosses it, its byte count, and lossy compression.
 
-Every payload is serialised for real (compress.py); the byte count of those bytes is what the
+Every payload is serialised for real (payload.py); the byte count of those bytes is what the
 run reports, and the receiver only ever sees the deserialised copy. With ``[compress]`` set,
 payloads are quantised on the way (fedfit.quantize: unbiased stochastic uniform quantisation
 to b bits, bit-packed, so the count is the packed size):
@@ -25,8 +25,9 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from fedfit.algorithms.base import ClientTask, Update
-from fedfit.compress import Payload, deserialize, serialize
 from fedfit.config import CompressConfig, ConfigError
+from fedfit.engine.seeds import derive_seed
+from fedfit.payload import Payload, deserialize, serialize
 from fedfit.quantize import decode, encode
 
 OFF = 32
@@ -34,8 +35,6 @@ _UPLOAD, _DOWNLOAD = 1, 2  # seed streams
 
 
 def _generator(*parts: int) -> torch.Generator:
-    from fedfit.engine.setup import derive_seed
-
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 

@@ -27,7 +27,6 @@ clients.jsonl and rounds.jsonl as round 0.
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,9 +38,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedfit.algorithms.base import ClientData, ServerState, load_tensors_
-from fedfit.compress import deserialize, serialize
 from fedfit.costs.measure import MemoryTracker, storage_bytes
+from fedfit.log import log
 from fedfit.models.zoo import task_model
+from fedfit.payload import deserialize, serialize
 
 if TYPE_CHECKING:
     from fedfit.engine.setup import RunSetup
@@ -233,11 +233,7 @@ def ncm_round(
         if name in params:
             params[name] = head[which].to(params[name].dtype).clone()
     held = int(sum(float(u["class_counts"].sum()) for u in uploads))
-    print(
-        f"round 0: class-mean head from {len(clients)} clients ({held} examples)",
-        file=sys.stderr,
-        flush=True,
-    )
+    log(f"round 0: class-mean head from {len(clients)} clients ({held} examples)")
     row = {
         "round": 0,
         "clients": clients,

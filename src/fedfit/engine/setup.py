@@ -7,18 +7,19 @@ shards plus seeds, never model copies. Tokenised data comes from the on-disk cac
 from __future__ import annotations
 
 import hashlib
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fedfit.algorithms import make_algorithm
-from fedfit.algorithms.base import Algorithm, ClientData
+from fedfit.algorithms.base import Algorithm, ClientData, client_steps
 from fedfit.config import Config
 from fedfit.data import TextDataset, load_configured, partition, tokenize
 from fedfit.devices import Population, build_population
 from fedfit.engine.channel import Channel
+from fedfit.engine.seeds import derive_seed
+from fedfit.log import log
 from fedfit.models import get_model_info, load_model
 from fedfit.planning import CostContext, Plan, exclusions
 
@@ -45,11 +46,6 @@ class RunSetup:
         return [cid for cid in range(len(self.shards)) if cid not in self.excluded]
 
 
-def derive_seed(*parts: int) -> int:
-    """A 31-bit seed from (run seed, round, client id, ...): independent streams per tuple."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] & 0x7FFFFFFF)
-
-
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A hash of every tensor of the model (names, dtypes, shapes and values): executors
     whose clients build their own model check it against the server's."""
@@ -59,10 +55,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def partition_clients(config: Config, dataset: TextDataset) -> list[np.ndarray]:
@@ -231,12 +223,10 @@ def check_head_init(
 
 def make_channel(config: Config) -> Channel:
     """The run's wire (engine/channel.py) for the configured method and compression."""
-    from fedfit.algorithms.registry import ALGORITHMS
-
-    cls = ALGORITHMS[config.method.name].cls
     return Channel(
         config.compress,
-        getattr(cls, "payload_kind", "weights"),
+        # read on an instance: a method's upload may depend on its options (Spry's)
+        make_algorithm(config).payload_kind,
         config.method.name,
         config.run.seed,
     )
@@ -252,18 +242,13 @@ def cost_context_for(
 ) -> CostContext:
     """The worst-case step of this run (full batch of max_length tokens) for predictions;
     ``largest``: the most examples a client holds (sets the steps of an epoch)."""
-    if config.train.local_steps:
-        steps = config.train.local_steps
-    else:
-        size = min(config.train.batch_size, largest)
-        steps = max(1, round(config.train.local_epochs * max(1, largest // size)))
     return CostContext(
         model_config=model_config,
         task=task,
         num_labels=num_labels,
         batch_size=min(config.train.batch_size, largest),
         seq_len=config.model.max_length,
-        steps=steps,
+        steps=client_steps(config.train, largest),
         optimizer=cost_optimizer(config.train.optimizer, config.train.momentum),
         margin=config.devices.margin,
     )

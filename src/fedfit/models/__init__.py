@@ -14,14 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from fedfit.models.sources import ModelNotAvailable  # noqa: E402
+from fedfit.models.structure import backbone_slots, transformer_layers  # noqa: E402
 from fedfit.models.zoo import (  # noqa: E402
     TASKS,
     ModelInfo,
-    backbone_slots,
     get_model_info,
     list_models,
     load_model,
-    transformer_layers,
 )
 
 __all__ = [

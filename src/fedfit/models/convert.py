@@ -15,13 +15,13 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedfit.log import log
 from fedfit.paths import cache_dir
 
 if TYPE_CHECKING:  # torch is imported inside the converters: listing the zoo stays instant
@@ -82,7 +82,7 @@ def cached_folder(
             return dest
         for leftover in root.glob(f".{name}.tmp*"):  # interrupted earlier builds
             shutil.rmtree(leftover, ignore_errors=True)
-        print(f"fedfit: {what} {source.name} -> {dest} (first use only)", file=sys.stderr)
+        log(f"fedfit: {what} {source.name} -> {dest} (first use only)")
         start = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp", dir=root))
         try:
@@ -94,7 +94,7 @@ def cached_folder(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        print(f"fedfit: {name} ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        log(f"fedfit: {name} ready in {time.perf_counter() - start:.1f} s")
     return dest
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedfit.models import configs, convert, derive, local, sources
+from fedfit.models import checkpoints, configs, convert, derive, sources
+from fedfit.models.structure import task_model  # noqa: F401  (engine/head_init.py's import)
 
 if TYPE_CHECKING:
     import torch
@@ -220,7 +221,7 @@ def get_model_info(name: str) -> ModelInfo:
 def _entry(name: str) -> _Entry:
     if name in _REGISTRY:
         return _REGISTRY[name]
-    if local.is_path(name):
+    if checkpoints.is_path(name):
         return _local_entry(name)
     raise ValueError(
         f"unknown model {name!r}; known: {', '.join(_REGISTRY)}, or the path of a local "
@@ -229,8 +230,8 @@ def _entry(name: str) -> _Entry:
 
 
 def _local_entry(name: str) -> _Entry:
-    """A user's checkpoint folder (models/local.py), checked before anything loads."""
-    ckpt = local.inspect_checkpoint(name)
+    """A user's checkpoint folder (models/checkpoints.py), checked before anything loads."""
+    ckpt = checkpoints.inspect_checkpoint(name)
     cfg = ckpt.config
     info = ModelInfo(
         name=name,
@@ -408,42 +409,3 @@ def load_model(
         init_head_(head, seed, model.config.initializer_range)
     model.eval()
     return model, tokenizer
-
-
-def task_model(model: torch.nn.Module) -> Any:
-    """The transformers task model, looking through a peft wrapper."""
-    inner: Any = model
-    if hasattr(inner, "get_base_model"):  # peft.PeftModel wraps the transformers model
-        inner = inner.get_base_model()
-    return inner
-
-
-def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The stack of transformer blocks: ``encoder.layer`` (BERT) or ``model.layers`` (Llama).
-
-    Accepts a bare backbone, a task model, or a peft-wrapped task model.
-    """
-    import torch
-
-    inner = task_model(model)
-    backbone = getattr(inner, "base_model", inner)  # transformers: the BertModel / LlamaModel
-    encoder = getattr(backbone, "encoder", None)
-    layers = getattr(encoder, "layer", None) if encoder is not None else None
-    if layers is None:
-        layers = getattr(backbone, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise TypeError(f"cannot find the transformer blocks of {type(inner).__name__}")
-    return layers
-
-
-def backbone_slots(model: torch.nn.Module) -> tuple[Any, str, Any, str]:
-    """Where the embedding module and the block list hang: (owner, attribute) of each, so a
-    caller can swap the embeddings for a stand-in or run a slice of the blocks (prefix cache,
-    FedSPZO's split). Accepts what :func:`transformer_layers` accepts."""
-    inner = task_model(model)
-    base: Any = getattr(inner, "base_model", inner)
-    if hasattr(base, "embeddings") and hasattr(base, "encoder"):  # BERT
-        return base, "embeddings", base.encoder, "layer"
-    if hasattr(base, "embed_tokens") and hasattr(base, "layers"):  # Llama
-        return base, "embed_tokens", base, "layers"
-    raise TypeError(f"cannot find the embeddings and blocks of {type(inner).__name__}")

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedfit.algorithms.backprop import FedAvg
 from fedfit.algorithms.base import (
+    Algorithm,
     ClientContext,
     ClientData,
     ClientTask,
@@ -55,7 +55,7 @@ class ForwardOptions:
         LoraOptions(r=self.r, alpha=self.alpha)  # same checks as lora's
 
 
-class FedFGD(FedAvg):
+class FedFGD(Algorithm):
     """FedAvg whose local steps use forward gradients (every trainable tensor)."""
 
     name = "fedfgd"

@@ -4,9 +4,9 @@ trainable tensors (package docstring)."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -31,37 +31,11 @@ from fedfit.algorithms.forward.fedfgd import FedFGD, ForwardOptions
 from fedfit.algorithms.registry import register
 from fedfit.config import ConfigError
 from fedfit.costs.predict import CostEstimate
+from fedfit.costs.share import assign_groups, tensor_groups  # Spry's split (pure)
 from fedfit.costs.spec import TrainSpec
 from fedfit.devices import Budget
+from fedfit.log import log
 from fedfit.planning import CostContext, Plan, check
-
-log = logging.getLogger("fedfit")
-
-# ---------------------------------------------------------------- Spry's split (pure)
-
-
-def tensor_groups(names: Sequence[str], head: Sequence[str]) -> list[list[str]]:
-    """Spry's units of assignment, in model order: a LoRA module's A and B together, every
-    other tensor alone; the head tensors (``head``) are left out (shared or grouped by the
-    caller)."""
-    groups: dict[str, list[str]] = {}
-    for n in names:
-        if n in head:
-            continue
-        key = n.replace("lora_A", "lora_*").replace("lora_B", "lora_*")
-        groups.setdefault(key, []).append(n)
-    return list(groups.values())
-
-
-def assign_groups(num_groups: int, num_clients: int) -> list[list[int]]:
-    """Group indices per client position. K <= G: group g goes to client g mod K (each group
-    trained by exactly one client). K > G: client i trains group i mod G, so each group is
-    trained by floor(K/G) or ceil(K/G) clients and averaged over them."""
-    if num_groups < 1 or num_clients < 1:
-        raise ValueError(f"need >= 1 group and client, got {num_groups} and {num_clients}")
-    if num_clients <= num_groups:
-        return [list(range(i, num_groups, num_clients)) for i in range(num_clients)]
-    return [[i % num_groups] for i in range(num_clients)]
 
 
 @dataclass(frozen=True)
@@ -84,9 +58,10 @@ class Spry(FedFGD):
 
     name = "spry"
 
-    @property
-    def payload_kind(self) -> str:  # type: ignore[override]
-        return "scalars" if self._spry.communication == "iteration" else "subset"
+    def __init__(self, options: SpryOptions, config: Any) -> None:
+        super().__init__(options, config)
+        # per iteration the upload is K jvp values, to arrive bit-exact (base.Algorithm)
+        self.payload_kind = "scalars" if options.communication == "iteration" else "subset"
 
     @property
     def _spry(self) -> SpryOptions:
@@ -106,10 +81,9 @@ class Spry(FedFGD):
         self.groups = groups
         self.assignment: dict[int, list[str]] = {}
         if self.config.server.optimizer != "fedyogi":
-            log.info(
-                "spry: server optimizer is %s; the paper's is fedyogi (server.optimizer = "
-                '"fedyogi", server.lr = 0.01)',
-                self.config.server.optimizer,
+            log(
+                f"spry: server optimizer is {self.config.server.optimizer}; the paper's is "
+                'fedyogi (server.optimizer = "fedyogi", server.lr = 0.01)'
             )
         return model
 

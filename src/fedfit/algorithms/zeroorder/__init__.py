@@ -1,4 +1,4 @@
-"""Zero-order (ZO) federated methods: gradients from pairs of forward passes (SEEDS.md 2).
+"""Zero-order (ZO) federated methods: gradients from pairs of forward passes (docs/methods.md).
 
 - core.py: seeded in-place perturbation restored bit for bit, the projected gradient, replay.
 - mezo.py: FedMeZO (``fedmezo``) and the plumbing every ZO method shares.

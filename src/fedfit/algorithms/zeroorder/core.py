@@ -1,6 +1,6 @@
 """Seeded in-place perturbation: the shared core of the zero-order (ZO) methods.
 
-MeZO (Malladi et al., NeurIPS 2023), SEEDS.md section 2: with a seed s, a direction z ~ N(0, I)
+MeZO (Malladi et al., NeurIPS 2023), docs/methods.md: with a seed s, a direction z ~ N(0, I)
 of the trained tensors' shape, two forward passes give the projected gradient
 
     g = (L(theta + eps z) - L(theta - eps z)) / (2 eps)       (an estimate of z . grad L)

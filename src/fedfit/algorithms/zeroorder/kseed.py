@@ -1,4 +1,4 @@
-"""FedKSeed and FedKSeed-Pro (Qin et al., ICML 2024), SEEDS.md section 2.
+"""FedKSeed and FedKSeed-Pro (Qin et al., ICML 2024), docs/methods.md.
 
 A pool of K candidate seeds (``num_seeds``, default 4096) is shared by server and devices:
 seed k of the pool is ``derive(pool_seed, k)``, so z_k never changes. A local step picks a

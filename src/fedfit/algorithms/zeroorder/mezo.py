@@ -1,4 +1,4 @@
-"""FedMeZO: MeZO steps inside FedAvg (SEEDS.md section 2, "ZO baselines").
+"""FedMeZO: MeZO steps inside FedAvg (docs/methods.md, "Zero-order methods").
 
 Each sampled client starts from the global tensors and runs ``train.local_steps`` MeZO steps
 (Malladi et al. 2023): per step, ``perturbations`` (P) seeds, for each the projected gradient
@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedfit.algorithms.backprop import FedAvg, NoStepOptimizer
+from fedfit.algorithms.backprop import NoStepOptimizer
 from fedfit.algorithms.base import (
+    Algorithm,
     ClientContext,
     ClientData,
     ClientTask,
@@ -145,7 +146,7 @@ def step_coeff(lr: float, g: float, count: int) -> float:
     return -lr * g / count
 
 
-class ZeroOrder(FedAvg):
+class ZeroOrder(Algorithm):
     """FedAvg plumbing for ZO methods: peft choice, cost model, eval-mode local steps."""
 
     name = "zeroorder"

@@ -1,5 +1,5 @@
 """FedSPZO: split-perturbation zero-order fine-tuning (Aboelenien Ahmed et al., arXiv
-2502.10239), as reconstructed in SEEDS.md section 2.
+2502.10239), reconstructed from its abstract and summaries (docs/methods.md).
 
 The network is split at block s (``split``; negative counts from the top, default -1: block 2
 is the top transformer block plus the head): block 1 = embeddings + blocks [0, s), block 2 =
@@ -33,9 +33,8 @@ clients' example weights and applies the server optimiser.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +68,7 @@ from fedfit.algorithms.zeroorder.mezo import (
 )
 from fedfit.config import ConfigError
 from fedfit.costs.spec import TrainSpec
-from fedfit.models import backbone_slots, transformer_layers
+from fedfit.models.structure import embeddings, hidden_states_at, swapped, transformer_layers
 from fedfit.planning import CostContext
 
 
@@ -87,10 +86,6 @@ class SPZOOptions(ZOOptions):
             raise ConfigError("method.p1: must be >= 1")
         if self.p2 <= self.p1:
             raise ConfigError("method.p2: must be > p1 (FedSPZO reuses block 1's outputs)")
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once block 1's output is caught."""
 
 
 class _Given(torch.nn.Module):
@@ -113,8 +108,7 @@ class SplitModel:
         if not 0 <= s <= len(blocks):
             raise ValueError(f"fedspzo: split {split} outside the model's {len(blocks)} blocks")
         self.model, self.s = model, s
-        emb_owner, emb_attr, _, _ = backbone_slots(model)
-        lower = [getattr(emb_owner, emb_attr), *list(blocks)[:s]]
+        lower = [embeddings(model), *list(blocks)[:s]]
         below = {id(m) for module in lower for m in module.modules()}
         in_block1 = {id(p) for m in lower for p in m.parameters()}
         in_block2 = {
@@ -133,51 +127,16 @@ class SplitModel:
         self.block1 = {n: p for n, p in params.items() if id(p) in in_block1}
         self.block2 = {n: p for n, p in params.items() if id(p) not in in_block1}
 
-    @torch.no_grad()
     def lower(self, batch: Batch) -> torch.Tensor:
         """Block 1's output: the hidden states at the input of block s."""
-        caught: list[torch.Tensor] = []
-
-        def catch(value: object) -> None:
-            out = value[0] if isinstance(value, tuple) else value
-            caught.append(getattr(out, "last_hidden_state", out))  # type: ignore[arg-type]
-            raise _Stop
-
-        _, _, owner, attr = backbone_slots(self.model)
-        with self._blocks(list(getattr(owner, attr))[: self.s]):
-            if attr == "layer":  # BERT: the encoder's output
-                hook = owner.register_forward_hook(lambda m, a, out: catch(out))
-            else:  # Llama: the input of the final norm
-                hook = owner.norm.register_forward_pre_hook(lambda m, a: catch(a))
-            try:
-                self.model(**{k: v for k, v in batch.items() if k != "labels"})
-            except _Stop:
-                pass
-            finally:
-                hook.remove()
-        return caught[0]
+        return hidden_states_at(self.model, batch, self.s)
 
     @torch.no_grad()
     def upper(self, batch: Batch, hidden: torch.Tensor) -> float:
         """Block 2's loss on block 1's output ``hidden``."""
-        emb_owner, emb_attr, owner, attr = backbone_slots(self.model)
-        embeddings = getattr(emb_owner, emb_attr)
-        setattr(emb_owner, emb_attr, _Given(hidden))
-        try:
-            with self._blocks(list(getattr(owner, attr))[self.s :]):
-                return float(self.model(**batch).loss)
-        finally:
-            setattr(emb_owner, emb_attr, embeddings)
-
-    @contextlib.contextmanager
-    def _blocks(self, blocks: list[torch.nn.Module]) -> Iterator[None]:
-        _, _, owner, attr = backbone_slots(self.model)
-        full = getattr(owner, attr)
-        setattr(owner, attr, torch.nn.ModuleList(blocks))
-        try:
-            yield
-        finally:
-            setattr(owner, attr, full)
+        blocks = list(transformer_layers(self.model))[self.s :]
+        with swapped(self.model, _Given(hidden), blocks):
+            return float(self.model(**batch).loss)
 
 
 @dataclass

@@ -1,13 +1,13 @@
 """The Flower executor: any fedfit algorithm as a Flower ServerApp and ClientApp.
 
 The server side is a Flower ``Strategy`` on Flower's Message API (``FedfitStrategy``):
-``configure_train`` is the server half of a fedfit round (``local.open_round``: sampling,
-``start_round``, ``configure`` and the download of every client, in the round's order) and
-turns each client's task into a Message for the node that holds that client's data;
-``aggregate_train`` puts the replies back in the round's order and runs the other half
-(``local.close_round``: ``aggregate``), then the run folder's bookkeeping (``local.RunLog``:
-evaluation of the global model on the server's held-out set, rows, checkpoint), so a Flower
-run writes the same run folder as the local executor. ``configure_evaluate`` sends nothing:
+``configure_train`` is the server half of a fedfit round (``Server.open_round``,
+engine/server.py: sampling, ``start_round``, ``configure`` and the download of every client,
+in the round's order) and turns each client's task into a Message for the node that holds
+that client's data; ``aggregate_train`` puts the replies back in the round's order and runs
+the other half (``Server.close_round``: ``aggregate``, evaluation of the global model on the
+server's held-out set, rows, checkpoint), so a Flower run writes the same run folder as the
+local executor. ``configure_evaluate`` sends nothing:
 fedfit evaluates centrally, as the other executors do. The ServerApp's ``main`` finds which
 node holds which client (one QUERY message per node; each node answers its
 ``partition-id``), then calls Flower's own ``Strategy.start`` round loop.
@@ -90,26 +90,20 @@ from flwr.serverapp.strategy import Strategy  # noqa: E402
 
 from fedfit.algorithms.base import ClientTask, ServerState, Update  # noqa: E402
 from fedfit.config import Config, ConfigError, from_toml, to_toml  # noqa: E402
-from fedfit.engine.flower_app import (  # noqa: E402
+from fedfit.engine.client import ClientResult, ClientSide, worker_threads  # noqa: E402
+from fedfit.engine.executors import base  # noqa: E402
+from fedfit.engine.executors.ray import import_ray  # noqa: E402
+from fedfit.engine.flower_context import (  # noqa: E402
     CONFIG_KEY,
     answer_query,
     node_partition,
     run_config_text,
 )
-from fedfit.engine.local import (  # noqa: E402
-    ClientResult,
-    ClientSide,
-    OpenRound,
-    ProgressFn,
-    RunLog,
-    close_round,
-    open_round,
-    plan_fields,
-    prepare_run_dir,
-    worker_threads,
-)
-from fedfit.engine.ray import import_ray  # noqa: E402
-from fedfit.engine.setup import RunSetup, build, log, model_fingerprint  # noqa: E402
+from fedfit.engine.processes import stop_processes, with_descendants  # noqa: E402
+from fedfit.engine.runfolder import SUMMARY, RunFolder  # noqa: E402
+from fedfit.engine.server import OpenRound, ProgressFn, Server  # noqa: E402
+from fedfit.engine.setup import build, model_fingerprint  # noqa: E402
+from fedfit.log import log  # noqa: E402
 
 NODE_WAIT_S = 120.0  # how long the ServerApp waits for the nodes of every client
 REPLY_TIMEOUT_S = 3600.0  # per round
@@ -293,26 +287,23 @@ def client_app(config_text: str | None = None) -> ClientApp:
 class FedfitStrategy(Strategy):
     """A fedfit algorithm as a Flower Strategy (see the module docstring).
 
-    ``nodes`` maps fedfit client ids to Flower node ids. The fedfit server state is kept
-    here (``state``); the ArrayRecord Flower passes around is its global tensors.
+    ``nodes`` maps fedfit client ids to Flower node ids. The fedfit server (state, run
+    folder) is ``server``; the ArrayRecord Flower passes around is its global tensors.
     """
 
     def __init__(
         self,
-        setup: RunSetup,
-        state: ServerState,
-        book: RunLog,
+        server: Server,
         nodes: dict[int, int],
         reply_timeout_s: float = REPLY_TIMEOUT_S,
     ) -> None:
-        self.setup, self.state, self.book, self.nodes = setup, state, book, nodes
-        self.fingerprint = model_fingerprint(setup.model)
+        self.server, self.nodes = server, nodes
+        self.fingerprint = model_fingerprint(server.setup.model)
         self.reply_timeout_s = reply_timeout_s
         self.opened: OpenRound | None = None
-        self.t0 = 0.0
 
     def summary(self) -> None:
-        cfg = self.setup.config
+        cfg = self.server.setup.config
         log(
             f"flower: fedfit {cfg.method.name} on {cfg.model.name}, {len(self.nodes)} nodes, "
             f"{cfg.data.clients_per_round} clients per round"
@@ -321,11 +312,11 @@ class FedfitStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.t0 = time.perf_counter()
-        opened = self.opened = open_round(self.setup, self.state, server_round)
+        opened = self.opened = self.server.open_round(server_round)
+        assigned = self.server.assigned
         return [
             Message(
-                task_content(task, opened.clients, self.fingerprint, self.assigned(task.client_id)),
+                task_content(task, opened.clients, self.fingerprint, assigned(task.client_id)),
                 dst_node_id=self.nodes[task.client_id],
                 message_type=MessageType.TRAIN,
                 group_id=str(server_round),
@@ -356,8 +347,7 @@ class FedfitStrategy(Strategy):
                 f"{[self.nodes[c] for c in missing]}) within {self.reply_timeout_s:g} s"
             )
         ordered = [results[cid] for cid in opened.clients]
-        self.state, client_rows, row = close_round(self.setup, self.state, opened, ordered)
-        self.book.record(self.state, client_rows, row, time.perf_counter() - self.t0)
+        row = self.server.close_round(opened, ordered)
         metrics = MetricRecord(
             {
                 "train_loss": float(row["train_loss"]),
@@ -366,21 +356,12 @@ class FedfitStrategy(Strategy):
                 "client_flops": float(row["client_flops"]),
             }
         )
-        return to_arrays(self.state.params), metrics
-
-    def assigned(self, client_id: int) -> dict[str, Any]:
-        """The planner's assignment of a client: tier, trained part, budget, prediction."""
-        population = self.setup.population
-        return plan_fields(
-            self.setup.plans[client_id],
-            population.budgets[client_id],
-            population.tier_names[client_id],
-        )
+        return to_arrays(self.server.state.params), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return []  # the global model is evaluated on the server's held-out set (RunLog)
+        return []  # the global model is evaluated on the server's held-out set (Server)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -429,34 +410,32 @@ def discover_nodes(grid: Grid, clients: list[int], wait_s: float = NODE_WAIT_S) 
 def server_main(
     grid: Grid,
     config: Config,
-    run_dir: Path,
+    folder: RunFolder,
     progress: ProgressFn | None = None,
     plots: bool = True,
 ) -> Path:
     """The ServerApp's work: build the server side, find the nodes, run Flower's round loop
     (``Strategy.start``) with a FedfitStrategy, write the run folder's summary."""
     t_start = time.perf_counter()
-    setup = build(config)
-    state = setup.algorithm.init(setup.model)
-    book = RunLog(run_dir, setup, progress)
-    nodes = discover_nodes(grid, setup.eligible)
+    server = Server(build(config), folder, progress)
+    nodes = discover_nodes(grid, server.setup.eligible)
     log(f"flower: {len(nodes)} nodes hold the run's clients")
-    book.add_wall(time.perf_counter() - t_start)
-    state = book.start(state)  # round 0: the starting model evaluated
-    strategy = FedfitStrategy(setup, state, book, nodes)
-    strategy.start(grid, to_arrays(state.params), num_rounds=config.run.rounds)
-    return book.finish(plots)
+    # round 0: the starting model evaluated
+    server.begin(resume=False, startup_s=time.perf_counter() - t_start)
+    strategy = FedfitStrategy(server, nodes)
+    strategy.start(grid, to_arrays(server.state.params), num_rounds=config.run.rounds)
+    return server.finish(plots)
 
 
 def server_app(
-    config: Config, run_dir: Path, progress: ProgressFn | None = None, plots: bool = True
+    config: Config, folder: RunFolder, progress: ProgressFn | None = None, plots: bool = True
 ) -> ServerApp:
-    """A ServerApp running ``config`` into ``run_dir`` (the simulation's)."""
+    """A ServerApp running ``config`` into ``folder`` (the simulation's)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        server_main(grid, config, run_dir, progress, plots)
+        server_main(grid, config, folder, progress, plots)
 
     return app
 
@@ -466,24 +445,38 @@ def serve_deployment(grid: Grid, context: Context) -> None:
     the run folder it names (absolute, written by ``write_app``)."""
     config = from_toml(run_config_text(context))
     overwrite = bool(context.run_config.get("overwrite", False))
-    server_main(grid, config, prepare_run_dir(config, resume=False, overwrite=overwrite))
+    server_main(grid, config, RunFolder.prepare(config, resume=False, overwrite=overwrite))
 
 
 # ------------------------------------------------------------------ simulation
 
 
+class Executor(base.Executor):
+    """``run.executor = "flower"``: the run through Flower's simulation runtime (``simulate``);
+    no options."""
+
+    def run(self, job: base.Job) -> Path:
+        return simulate(
+            job.config,
+            job.folder,
+            resume=job.resume,
+            stop_after=job.stop_after,
+            progress=job.progress,
+            plots=job.plots,
+        )
+
+
 def simulate(
     config: Config,
-    run_dir: Path,
+    folder: RunFolder,
     *,
     resume: bool = False,
     stop_after: int | None = None,
     progress: ProgressFn | None = None,
     plots: bool = True,
 ) -> Path:
-    """``run.executor = "flower"``: the run through Flower's simulation runtime (Ray backend):
-    one virtual SuperNode per fedfit client, ``run.workers`` actors of ``run.threads``
-    threads (1 when 0)."""
+    """The run through Flower's simulation runtime (Ray backend): one virtual SuperNode per
+    fedfit client, ``run.workers`` actors of ``run.threads`` threads (1 when 0)."""
     if resume or stop_after is not None:
         raise ConfigError(
             'run.executor: "flower" runs a whole run; continue a stopped run with '
@@ -504,7 +497,7 @@ def simulate(
     flwr_logger.setLevel(logging.WARNING)  # fedfit reports progress itself
     try:
         run_simulation(
-            server_app=server_app(config, run_dir, progress, plots),
+            server_app=server_app(config, folder, progress, plots),
             client_app=client_app(to_toml(config)),
             num_supernodes=config.data.num_clients,
             backend_name="ray",
@@ -512,9 +505,9 @@ def simulate(
         )
     finally:
         flwr_logger.setLevel(level)
-    if not (run_dir / "summary.json").exists():
-        raise RuntimeError(f"flower: the simulation ended without finishing {run_dir}")
-    return run_dir
+    if not folder.has_summary():
+        raise RuntimeError(f"flower: the simulation ended without finishing {folder.path}")
+    return folder.path
 
 
 # ------------------------------------------------------------------ deployment
@@ -594,24 +587,12 @@ def _stop(processes: list[subprocess.Popen[bytes]], home: Path) -> None:
     this deployment's FLWR_HOME; SIGTERM, then SIGKILL after 10 s."""
     import psutil
 
-    found: dict[int, psutil.Process] = {}
-    for process in processes:
-        with contextlib.suppress(psutil.Error):
-            parent = psutil.Process(process.pid)
-            for p in [parent, *parent.children(recursive=True)]:
-                found[p.pid] = p
+    found = with_descendants(process.pid for process in processes)
     for p in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
             if p.pid not in found and p.environ().get("FLWR_HOME") == str(home):
                 found[p.pid] = p
-    for p in found.values():
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _, alive = psutil.wait_procs(list(found.values()), timeout=10.0)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=5.0)
+    stop_processes(found.values(), grace_s=10.0)
     for process in processes:  # reap our own children
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=1.0)
@@ -649,7 +630,8 @@ def deploy_local(
     (FLWR_HOME) go to ``work_dir``. Returns the run folder."""
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(config.run.output_dir).expanduser().resolve() / config.run.name
+    folder = RunFolder(Path(config.run.output_dir).expanduser().resolve() / config.run.name)
+    run_dir = folder.path
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{run_dir} already exists: pass overwrite=True (--overwrite)")
     app_dir = write_app(config, work / "app", overwrite_run=overwrite)
@@ -704,10 +686,10 @@ def deploy_local(
                 f"flower: the run did not finish in {timeout_s:g} s:\n"
                 + _tail(work / "flwr-run.log")
             ) from err
-        if submit.returncode != 0 or not (run_dir / "summary.json").exists():
+        if submit.returncode != 0 or not folder.has_summary():
             raise RuntimeError(
                 f"flower: the deployed run failed (flwr run exit code {submit.returncode}, no "
-                f"{run_dir / 'summary.json'}):\n" + _tail(work / "flwr-run.log")
+                f"{folder.file(SUMMARY)}):\n" + _tail(work / "flwr-run.log")
             )
     finally:
         _stop(processes, home)

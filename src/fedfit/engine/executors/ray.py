@@ -2,7 +2,7 @@
 
 ``fedfit run --executor ray --workers N [--ray-address HOST:PORT]`` (``run.executor``,
 ``run.workers``, ``run.ray_address``). The server stays in this process and runs exactly the
-local executor's code (engine/local.py ``run_round``): sampling, ``start_round``,
+Server (engine/server.py) every executor runs: sampling, ``start_round``,
 ``configure`` and the download through the channel for every client in the round's order,
 ``aggregate``, evaluation, rows, checkpoints. Only the client side moves:
 
@@ -19,7 +19,7 @@ local executor's code (engine/local.py ``run_round``): sampling, ``start_round``
 - The clients are split into N contiguous chunks of the sampled order; each actor calls
   ``start_round`` on its own algorithm with the whole round (Spry and partial training assign
   shares there) and then runs its chunk one client after another on its one model through
-  ``local.run_client``, the function the local executor calls: ``client_update``, the upload
+  ``engine.client.run_client``, the function the local executor calls: ``client_update``, the upload
   through the channel (quantised uploads too, with the same seeds), the measured row.
 - Each actor returns its clients' updates as the server receives them, with their rows; the
   driver puts them back in the sampled order, so ``aggregate`` sums in the local executor's
@@ -50,6 +50,7 @@ import socket
 import time
 import warnings
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any
 
@@ -57,8 +58,11 @@ import torch
 
 from fedfit.algorithms.base import ClientTask, ServerState
 from fedfit.config import Config, ConfigError
-from fedfit.engine.local import ClientResult, ClientRunner, ClientSide, worker_threads
-from fedfit.engine.setup import RunSetup, log, model_fingerprint
+from fedfit.engine.client import ClientResult, ClientRunner, ClientSide, worker_threads
+from fedfit.engine.executors import base
+from fedfit.engine.server import Server
+from fedfit.engine.setup import RunSetup, build, model_fingerprint
+from fedfit.log import log
 
 INSTALL = 'pip install "ray[default]"'
 # What a worker on an existing cluster must see as this process does (a local instance
@@ -154,7 +158,7 @@ class ClientWorker:
         return self.side.fingerprint
 
     def run_clients(self, work: RoundWork, start: int, stop: int) -> list[ClientResult]:
-        """Clients ``start:stop`` of the round, through the local executor's ``run_client``."""
+        """Clients ``start:stop`` of the round, through ``engine.client.run_client``."""
         assert self.side is not None, "prepare(config) first"
         return self.side.run(work.state, work.clients, list(work.tasks[start:stop]))
 
@@ -164,10 +168,11 @@ class RayPool:
 
     ``__enter__`` connects and creates the actors (they import torch and fedfit while the
     driver builds); ``start(setup)`` has each actor build its own setup for that run, checks
-    it against the driver's and returns the ``ClientRunner`` for ``local.run_round``;
+    it against the driver's and returns the ``ClientRunner`` for ``Server.serve``;
     ``__exit__`` kills the actors and disconnects, shutting down a local instance it started.
-    ``local.run`` opens one per run; a caller running many configs (a sweep, the tests) may
-    open one and pass it to each ``run(config, pool=...)`` to pay Ray's start-up once.
+    The ray executor opens one per run; a caller running many configs (a sweep, the tests)
+    may open one and pass it to each ``experiment.run(config, pool=...)`` to pay Ray's
+    start-up once.
     """
 
     def __init__(self, workers: int, threads: int = 1, address: str = "") -> None:
@@ -278,7 +283,7 @@ class RayPool:
                 for result in chunk:
                     result.row["worker"] = worker
                 results.extend(chunk)
-            return results  # local.close_round checks they are the round's, in order
+            return results  # Server.close_round checks they are the round's, in order
 
         return run_clients
 
@@ -302,3 +307,25 @@ class RayPool:
         trace: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class Executor(base.Executor):
+    """``run.executor = "ray"``: the clients on ``pool`` (an entered RayPool matching the
+    config, reused across runs) or on a pool opened for this run and closed at its end."""
+
+    def __init__(self, pool: RayPool | None = None) -> None:
+        self.pool = pool
+
+    def run(self, job: base.Job) -> Path:
+        with contextlib.ExitStack() as stack:
+            pool = self.pool
+            if pool is None:
+                # Ray and its actors start (and import torch) while this process builds.
+                pool = stack.enter_context(RayPool.for_config(job.config))
+            pool.check(job.config)
+            setup = build(job.config)
+            server = Server(setup, job.folder, job.progress)
+            run_clients = pool.start(setup)
+            server.begin(resume=job.resume, startup_s=job.startup_s())
+            server.serve(run_clients, job.last_round)
+        return server.finish(job.plots)

@@ -40,7 +40,6 @@ import io
 import json
 import math
 import re
-import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -51,9 +50,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedfit.data.base import TextDataset, load_dataset
+from fedfit.errors import DataError as DataError
+from fedfit.log import log
 
 if TYPE_CHECKING:
-    from fedfit.config import DataConfig
+    from fedfit.data.config import DataConfig
 
 FORMATS = ("auto", "csv", "jsonl", "parquet", "hf_disk")
 TASKS = ("classification", "lm")
@@ -78,12 +79,8 @@ _SPLIT_STREAM = 0x7E57
 _SHOWN_PLACES = 5
 
 
-class DataError(ValueError):
-    """A local dataset file cannot be used as configured; the message names file and problem."""
-
-
 def _log(message: str) -> None:
-    print(f"fedfit data: {message}", file=sys.stderr, flush=True)
+    log(f"fedfit data: {message}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,54 @@
+"""Rows pinned before the engine's redesign (issue 15): the same tiny configs must write the
+same rounds.jsonl, so a change of the engine's shape cannot change what a run computes.
+
+The files under tests/engine/pinned/ were written by the engine as it stood at commit b15e009
+(``engine/local.py``'s loop) for the configs below. Integers, strings and lists must match
+exactly; floats to 1e-6 (relative), the width of BLAS differences between machines.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedfit.engine.experiment import run
+from tests.helpers import read_rows, tiny_run_config
+
+PINNED = Path(__file__).parent / "pinned"
+CASES = {
+    "fedavg": ["method.name=fedavg"],
+    "lora-ncm": ["method.name=lora", "model.head_init=ncm", "model.head_init_clients=4"],
+    "spry": ["method.name=spry"],
+    "fedmezo": ["method.name=fedmezo"],
+    "fedkseed": ["method.name=fedkseed"],
+    "partial-q4": ["method.name=partial", "compress.upload_bits=4"],
+}
+
+
+def assert_same(got: Any, want: Any, where: str) -> None:
+    if isinstance(want, float) and isinstance(got, float):
+        assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9), f"{where}: {got} != {want}"
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), f"{where}: keys differ"
+        for key in want:
+            assert_same(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), f"{where}: lengths differ"
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_same(g, w, f"{where}[{i}]")
+    else:
+        assert got == want, f"{where}: {got!r} != {want!r}"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rounds_as_pinned(tmp_path: Path, case: str) -> None:
+    config = tiny_run_config(tmp_path, "run.rounds=2", f"run.name={case}", *CASES[case])
+    run_dir = run(config, plots=False)
+    got = read_rows(run_dir / "rounds.jsonl")
+    want = read_rows(PINNED / f"{case}.rounds.jsonl")
+    assert len(got) == len(want) == 3  # round 0 and two rounds
+    for g, w in zip(got, want, strict=True):
+        assert_same(g, w, f"{case} round {w['round']}")
