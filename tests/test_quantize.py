@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedfit import compress
+from fedfit import payload as wire_format
 from fedfit.quantize import (
     SEP,
     Quantized,
@@ -208,7 +208,7 @@ def test_encode_decode_round_trip() -> None:
         "empty": torch.zeros(0, 3),
         "seeds": torch.tensor([11, 12, 13], dtype=torch.int64),
     }
-    wire = compress.deserialize(compress.serialize(encode(payload, 3, 16, g)))
+    wire = wire_format.deserialize(wire_format.serialize(encode(payload, 3, 16, g)))
     assert all(SEP in key for key in wire)
     out = decode(wire)
     assert sorted(out) == sorted(payload)  # safetensors stores keys sorted
@@ -226,15 +226,15 @@ def test_encode_decode_round_trip() -> None:
 @pytest.mark.parametrize("bits,block", [(4, 0), (4, 64), (1, 0), (8, 4096)])
 def test_payload_bytes_is_packed_size_plus_header(bits: int, block: int) -> None:
     x = torch.randn(1000, 1000, generator=torch.Generator().manual_seed(0))
-    raw = compress.payload_bytes({"w": x})
+    raw = wire_format.payload_bytes({"w": x})
     wire = encode({"w": x}, bits, block, torch.Generator().manual_seed(0))
-    data = compress.serialize(wire)
+    data = wire_format.serialize(wire)
     header = 8 + int.from_bytes(data[:8], "little")
     meta = 8 * (2 + x.dim())  # int64 [bits, block, rows, cols]
-    assert compress.payload_bytes(wire) == packed_size(x.numel(), bits, block) + meta + header
+    assert wire_format.payload_bytes(wire) == packed_size(x.numel(), bits, block) + meta + header
     assert header < 400
     codes_ratio = bits / 32 + (8 / (4 * block) if block else 0.0)
-    assert compress.payload_bytes(wire) / raw == pytest.approx(codes_ratio, rel=0.01)
+    assert wire_format.payload_bytes(wire) / raw == pytest.approx(codes_ratio, rel=0.01)
 
 
 def test_packed_size_counts() -> None:
