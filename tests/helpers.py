@@ -61,8 +61,8 @@ def assert_same_as_local(local: Path, remote: Path, rounds: int) -> None:
         for key in ("round", "client_id", "num_examples", "steps", "upload_bytes", "flops"):
             assert x[key] == y[key], key
         assert x["download_bytes"] == y["download_bytes"]
-    pa = torch.load(local / "checkpoint.pt", weights_only=False)["state"]["params"]
-    pb = torch.load(remote / "checkpoint.pt", weights_only=False)["state"]["params"]
+    pa = RunFolder(local).load_checkpoint()[0].params
+    pb = RunFolder(remote).load_checkpoint()[0].params
     assert pa.keys() == pb.keys() and pa
     for name in pa:
         torch.testing.assert_close(pb[name], pa[name], atol=1e-6, rtol=0)

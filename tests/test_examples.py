@@ -9,7 +9,6 @@ scale with it), a few clients with a few examples each, one local step, one roun
 
 from __future__ import annotations
 
-import json
 import tomllib
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from fedfit.config import Config, load_config
 from fedfit.engine.experiment import run
+from fedfit.engine.runfolder import RunFolder
 from fedfit.models import get_model_info
 from tests.helpers import read_rows
 
@@ -86,7 +86,7 @@ def test_example_runs_one_round_on_a_tiny_model(path: Path, tmp_path: Path) -> N
     out = run(tiny, plots=False)
 
     rows = read_rows(out / "rounds.jsonl")
-    summary = json.loads((out / "summary.json").read_text())
+    summary = RunFolder(out).summary()
     assert out == tmp_path / path.stem
     assert rows[-1]["round"] == 1 and rows[-1]["clients"]
     assert summary["method"] == config.method.name

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fedfit.cli import main
+from fedfit.engine.runfolder import RunFolder
 from fedfit.models import get_model_info, load_model
 from fedfit.models.checkpoints import LocalModelError, inspect_checkpoint
 
@@ -62,7 +63,7 @@ def run_cli(tmp_path: Path, model: Path, data: Path, method: str, lm: bool) -> d
         "--set", f"run.name={name}",
     ]  # fmt: skip
     assert main(args) == 0
-    return json.loads((tmp_path / "runs" / name / "summary.json").read_text())
+    return RunFolder(tmp_path / "runs" / name).summary()
 
 
 @pytest.mark.parametrize("method", ["fedavg", "lora"])

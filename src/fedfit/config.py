@@ -1,9 +1,11 @@
 """Run configuration: frozen dataclasses, TOML loading, ``--set key=value`` overrides.
 
-A config file has one table per section dataclass: [run], [model], [train] and [method] are
-defined below; the others live with the module that owns them ([data] in fedfit.data.config,
-[server] in fedfit.server_opt, [devices] in fedfit.devices, [compress] in fedfit.quantize),
-and this module only assembles them into ``Config``. ``[method]`` holds ``name`` plus
+A config file has one table per section dataclass, each living with the module that owns it
+([run] in fedfit.engine.run_config, [model] in fedfit.models.config, [data] in
+fedfit.data.config, [server] in fedfit.server_opt, [devices] in fedfit.devices, [compress] in
+fedfit.quantize); [train] (read by every method's client step) and [method] (a method's own
+options, checked against its registered dataclass) are defined here, and this module
+assembles them all into ``Config``. ``[method]`` holds ``name`` plus
 that method's own options, which are validated against the method's options dataclass (see
 ``fedfit methods``). Every key is checked before any work starts: an unknown key or a bad
 value raises ``ConfigError`` naming the key and what is allowed. The resolved config
@@ -15,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import tomllib
 import types
 import typing
@@ -25,89 +26,12 @@ from typing import Any
 
 from fedfit.data.config import DataConfig as DataConfig
 from fedfit.devices import DevicesConfig as DevicesConfig
-from fedfit.engine.executors import executor_names
+from fedfit.engine.run_config import RunConfig as RunConfig
 from fedfit.errors import ConfigError as ConfigError
 from fedfit.errors import check, check_choice
+from fedfit.models.config import ModelConfig as ModelConfig
 from fedfit.quantize import CompressConfig as CompressConfig
 from fedfit.server_opt import ServerConfig as ServerConfig
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    name: str = field(default="default", metadata={"help": "run folder name under output_dir"})
-    seed: int = field(default=0, metadata={"help": "seeds sampling, partitions, client steps"})
-    rounds: int = field(default=20, metadata={"help": "federated rounds"})
-    eval_every: int = field(default=5, metadata={"help": "evaluate every k rounds (and last)"})
-    output_dir: str = field(default="runs", metadata={"help": "where run folders go"})
-    threads: int = field(
-        default=0,
-        metadata={"help": "torch CPU threads (per Ray worker too); 0 = torch default (Ray: 1)"},
-    )
-    executor: str = field(
-        default="local",
-        metadata={
-            "help": "local (in process) | ray (clients spread over Ray actors) | flower "
-            "(Flower's simulation runtime)"
-        },
-    )
-    workers: int = field(
-        default=2, metadata={"help": "Ray actors (executor = ray) or Flower simulation actors"}
-    )
-    ray_address: str = field(
-        default="",
-        metadata={"help": "existing Ray cluster host:port; '' = start a local Ray instance"},
-    )
-
-    def __post_init__(self) -> None:
-        check(self.rounds >= 1, "run.rounds", "must be >= 1")
-        check(self.eval_every >= 1, "run.eval_every", "must be >= 1")
-        check(self.threads >= 0, "run.threads", "must be >= 0")
-        check(bool(self.name) and "/" not in self.name, "run.name", "must be a plain folder name")
-        check_choice(self.executor, "run.executor", executor_names())
-        check(self.workers >= 1, "run.workers", "must be >= 1")
-        if self.ray_address:
-            check(self.executor == "ray", "run.ray_address", 'needs run.executor = "ray"')
-            host, _, port = self.ray_address.removeprefix("ray://").rpartition(":")
-            check(
-                bool(host) and port.isdigit(),
-                "run.ray_address",
-                f"{self.ray_address!r} is not host:port (e.g. 127.0.0.1:6379)",
-            )
-
-
-HEAD_INITS = ("random", "ncm")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    name: str = field(default="minilm-l6", metadata={"help": "zoo name (fedfit models)"})
-    max_length: int = field(default=64, metadata={"help": "tokens per example (truncation)"})
-    head_init: str = field(
-        default="random",
-        metadata={
-            "help": "classifier head start: random | ncm (federated nearest-class-mean, "
-            "a measured round 0; FedNCM, Legate et al. 2023)"
-        },
-    )
-    head_init_scale: float = field(
-        default=10.0,
-        metadata={"help": "ncm: logit scale s of the head s * mean_c / (|mean_c| * mean |x|)"},
-    )
-    head_init_clients: int = field(
-        default=0,
-        metadata={"help": "ncm: clients that send class sums in round 0; 0 = every eligible one"},
-    )
-
-    def __post_init__(self) -> None:
-        check(self.max_length >= 2, "model.max_length", "must be >= 2")
-        check_choice(self.head_init, "model.head_init", HEAD_INITS)
-        check(
-            math.isfinite(self.head_init_scale) and self.head_init_scale > 0,
-            "model.head_init_scale",
-            "must be a finite number > 0",
-        )
-        check(self.head_init_clients >= 0, "model.head_init_clients", "must be >= 0 (0 = all)")
-
 
 # sgd (torch, optional momentum), adamw (torch), adafactor (transformers' implementation with
 # an explicit lr: factored second moment, no first moment; Shazeer & Stern 2018).

@@ -9,6 +9,7 @@ import pytest
 
 from fedfit.config import load_config
 from fedfit.engine.experiment import run
+from fedfit.engine.runfolder import RunFolder
 from tests.engine.test_local import TINY
 
 TIERS = (
@@ -36,7 +37,7 @@ def tiered(tmp_path: Path, method: str, tiers: str = TIERS, *extra: str):
 def test_no_client_exceeds_its_budget(tmp_path: Path, method: str) -> None:
     out = run(tiered(tmp_path, method), plots=False)
     rows = [json.loads(line) for line in (out / "clients.jsonl").read_text().splitlines()]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = RunFolder(out).summary()
     assert rows
     for r in rows:
         budget = r["budget"]

@@ -3,11 +3,11 @@ gradient-free methods with their own estimator."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from fedfit.engine.central import run_central, steps_per_round
 from fedfit.engine.experiment import run
+from fedfit.engine.runfolder import RunFolder
 from fedfit.engine.setup import build
 from tests.helpers import read_rows, tiny_run_config
 
@@ -17,7 +17,7 @@ ZO = ["method.name=fedmezo", "method.peft=full", "train.optimizer=sgd", "train.l
 def test_zero_order_central_uses_its_own_estimator(tmp_path: Path) -> None:
     config = tiny_run_config(tmp_path, *ZO, "run.rounds=2", "train.batch_size=8", "run.name=zo")
     out = run_central(config)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = RunFolder(out).summary()
     assert summary["estimator"].startswith("the method's own")
     rows = read_rows(out / "rounds.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[0]["client_flops"] == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -111,7 +110,7 @@ def test_ncm_run_round_zero(tmp_path: Path) -> None:
     heads = [t for n, t in state.params.items() if "classifier" in n and n.endswith("weight")]
     assert len(heads) == 1
     torch.testing.assert_close(heads[0], weight, rtol=1e-5, atol=1e-6)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = RunFolder(out).summary()
     assert summary["start"] == zero["eval"] and summary["head_init"] == "ncm"
     # per-client figures are the training rounds'; round 0's pass is reported apart
     trained = [c for c in clients if c["round"] > 0]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from fedfit.cli import main
 from fedfit.engine.experiment import resume_run, run
+from fedfit.engine.runfolder import RunFolder
 from fedfit.engine.server import sample_clients
 from tests.helpers import TINY_RUN, read_rows, tiny_run_config
 
@@ -50,8 +50,8 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert len(rows(part / "rounds.jsonl")) == 2  # round 0 (the start) and round 1
     resumed = resume_run(part, plots=False)
     assert (resumed / "rounds.jsonl").read_bytes() == (full / "rounds.jsonl").read_bytes()
-    s_full = json.loads((full / "summary.json").read_text())
-    s_res = json.loads((resumed / "summary.json").read_text())
+    s_full = RunFolder(full).summary()
+    s_res = RunFolder(resumed).summary()
     assert s_full["final"] == s_res["final"]
 
 
@@ -65,7 +65,7 @@ def test_run_folder_contents(tmp_path: Path) -> None:
         assert mem["peak_bytes"] >= mem["weights_bytes"] > 0 and mem["grads_bytes"] > 0
     # the round's upload is the sum of its clients' measured payload sizes
     assert rs[1]["upload_bytes"] == sum(c["upload_bytes"] for c in cs if c["round"] == 1)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = RunFolder(out).summary()
     assert 0 <= summary["final"]["accuracy"] <= 1 and summary["majority_baseline"] > 0.3
     assert list((out / "plots").glob("*.png"))
     with pytest.raises(FileExistsError, match="--resume"):
@@ -77,7 +77,7 @@ def test_cli_run_and_bad_key(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         a for s in [*TINY, f"run.output_dir={tmp_path}", "run.rounds=2"] for a in ("--set", s)
     ]
     assert main(args) == 0
-    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
+    summary = RunFolder(tmp_path / "default").summary()
     assert summary["rounds_completed"] == 2
     assert main(["run", "--set", "train.learning_rate=0.1"]) == 2
     assert "train.learning_rate" in capsys.readouterr().err
