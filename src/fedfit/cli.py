@@ -21,7 +21,40 @@ console = Console(stderr=True)
 EPILOG = "Config keys: see examples/default.toml; every key can be overridden with --set."
 
 
-def _progress_bar(label: str) -> tuple[Progress, Any]:
+def _metric(ev: dict[str, Any] | None) -> str | None:
+    if not ev:
+        return None
+    return f"acc {ev['accuracy']:.3f}" if "accuracy" in ev else f"ppl {ev['perplexity']:.2f}"
+
+
+def _progress_lines(label: str) -> tuple[Any, Any]:
+    """Progress when stderr is not a terminal (a pipe, a log file, CI): one line per round
+    with the evaluation when there is one, the elapsed time and an ETA."""
+    import contextlib
+    import time
+
+    t0 = time.perf_counter()
+    first: list[int] = []
+
+    def update(round_: int, total: int, ev: dict[str, Any] | None) -> None:
+        elapsed = time.perf_counter() - t0
+        if not first:
+            first.append(round_)
+        done = round_ - first[0]
+        eta = f", ETA {elapsed / done * (total - round_):.0f} s" if done > 0 else ""
+        metric = _metric(ev)
+        console.print(
+            f"{label}: round {round_}/{total}{', ' + metric if metric else ''}, "
+            f"{elapsed:.0f} s{eta}",
+            highlight=False,
+        )
+
+    return contextlib.nullcontext(), update
+
+
+def _progress_bar(label: str) -> tuple[Any, Any]:
+    if not console.is_terminal:
+        return _progress_lines(label)
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -35,11 +68,7 @@ def _progress_bar(label: str) -> tuple[Progress, Any]:
     task_id = bar.add_task(label, total=None, metric="")
 
     def update(round_: int, total: int, ev: dict[str, Any] | None) -> None:
-        metric = None
-        if ev:
-            metric = (
-                f"acc {ev['accuracy']:.3f}" if "accuracy" in ev else f"ppl {ev['perplexity']:.2f}"
-            )
+        metric = _metric(ev)
         if metric:
             bar.update(task_id, completed=round_, total=total, metric=metric)
         else:
@@ -49,9 +78,9 @@ def _progress_bar(label: str) -> tuple[Progress, Any]:
 
 
 def _final_line(run_dir: Path) -> None:
-    import json
+    from fedfit.engine.runfolder import RunFolder
 
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = RunFolder(run_dir).summary()
     final = summary.get("final") or {}
     start = summary.get("start") or {}
     if "accuracy" in final:
@@ -81,17 +110,17 @@ def _central_line(run_dir: Path, metric: str) -> None:
     """The centralised reference beside a federated result: read from the sibling
     ``NAME-central`` run when one exists (it takes as long as the federated run, so it is
     not rerun every time), otherwise the command that makes it."""
-    import json
+    from fedfit.engine.runfolder import RunFolder
 
     if run_dir.name.endswith("-central"):
         return
-    central = run_dir.parent / f"{run_dir.name}-central" / "summary.json"
-    if central.exists():
-        final = json.loads(central.read_text()).get("final") or {}
+    central = RunFolder(run_dir.parent / f"{run_dir.name}-central")
+    if central.has_summary():
+        final = central.summary().get("final") or {}
         if metric in final:
             console.print(
                 f"centralised reference (same model, method and step budget, pooled data): "
-                f"{metric} {final[metric]:.4f} ({central.parent})"
+                f"{metric} {final[metric]:.4f} ({central.path})"
             )
             return
     console.print(
@@ -476,7 +505,7 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fedfit.errors import ConfigError
+    from fedfit.errors import ConfigError, RunStopped
 
     args = parser().parse_args(argv)
     _quiet_libraries()
@@ -487,6 +516,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         console.print(f"[bold red]error:[/] {err}")
         return 2
+    except RunStopped as err:
+        console.print(f"[bold red]run stopped:[/] {err}")
+        return 1
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -125,6 +126,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             key,
             f"expected a number, got {value!r}",
         )
+        check(math.isfinite(value), key, f"must be a finite number, got {value!r}")
         return float(value)
     if annotation is int:
         check(

@@ -6,13 +6,21 @@ algorithms) can raise these without importing the module that assembles the conf
 - ``ConfigError``: a config key or value is not allowed (raised before any work starts).
 - ``DataError``: a user's own dataset file cannot be used as configured (fedfit.data.files).
 - ``DatasetNotAvailable``: the package shipping a built-in dataset is not installed.
+- ``RunStopped``: a run had to stop (diverged, too few valid updates); its folder is kept.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["ConfigError", "DataError", "DatasetNotAvailable", "check", "check_choice"]
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "DatasetNotAvailable",
+    "RunStopped",
+    "check",
+    "check_choice",
+]
 
 
 class ConfigError(ValueError):
@@ -25,6 +33,11 @@ class DataError(ValueError):
 
 class DatasetNotAvailable(RuntimeError):
     """The package that ships a dataset is not installed; the message names the pip command."""
+
+
+class RunStopped(RuntimeError):
+    """A run cannot go on (it diverged, or too few of a round's updates were valid); the
+    message says why, and the run folder keeps the last good round's checkpoint."""
 
 
 def check(ok: bool, key: str, message: str) -> None:

@@ -87,10 +87,14 @@ def run_central(
     config = dataclasses.replace(
         config, run=dataclasses.replace(config.run, name=f"{config.run.name}-central")
     )
-    folder = RunFolder.of(config)
-    if folder.path.exists() and any(folder.path.iterdir()) and not overwrite:
-        raise RunExistsError(f"{folder.path} already exists: use --overwrite to replace it")
-    folder = RunFolder.prepare(config, resume=False, overwrite=True)
+    with RunFolder.of(config).lock() as folder:
+        if folder.path.exists() and any(folder.path.iterdir()) and not overwrite:
+            raise RunExistsError(f"{folder.path} already exists: use --overwrite to replace it")
+        RunFolder.prepare(config, resume=False, overwrite=True)
+        return _run_central(config, folder, progress)
+
+
+def _run_central(config: Config, folder: RunFolder, progress: ProgressFn | None) -> Path:
 
     t_start = time.perf_counter()
     setup = build(config)

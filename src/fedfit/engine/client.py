@@ -60,11 +60,16 @@ def run_client(
     payload becomes what the server receives). Every executor runs every client through this."""
     meter.start_client()
     t0 = time.perf_counter()
-    update = algorithm.client_update(model, task, shard, ctx)
+    error = None
+    try:
+        update = algorithm.client_update(model, task, shard, ctx)
+    except Exception as err:  # a failing device drops out of the round; the run goes on
+        error = f"{type(err).__name__}: {err}"
+        update = Update(task.client_id, {}, 0, {})
     wall = time.perf_counter() - t0
-    upload_bytes = channel.upload(update, task)
+    upload_bytes = channel.upload(update, task) if error is None else 0
     memory = meter.memory.as_dict() if meter.memory else {}
-    row = {
+    row: dict[str, Any] = {
         "num_examples": update.num_examples,
         "steps": int(update.metrics.get("steps", 0)),
         "train_loss": update.metrics.get("train_loss"),
@@ -74,6 +79,8 @@ def run_client(
         "memory": memory,
         "wall_s": round(wall, 4),
     }
+    if error is not None:
+        row["error"] = error
     return ClientResult(update, row)
 
 

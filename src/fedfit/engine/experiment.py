@@ -42,12 +42,13 @@ def run(
     RayPool matching the config, reused across runs), else on a pool opened for this run and
     closed at its end.
     """
-    job = Job(config, RunFolder.prepare(config, resume=resume, overwrite=overwrite), resume,
-              stop_after, progress, plots)  # fmt: skip
     if pool is not None and config.run.executor != "ray":
         raise ValueError(f'a Ray pool was given but run.executor is "{config.run.executor}"')
     options = {"pool": pool} if pool is not None else {}
-    return make_executor(config.run.executor, **options).run(job)
+    with RunFolder.of(config).lock():  # one process per run folder
+        folder = RunFolder.prepare(config, resume=resume, overwrite=overwrite)
+        job = Job(config, folder, resume, stop_after, progress, plots)
+        return make_executor(config.run.executor, **options).run(job)
 
 
 def resume_run(

@@ -29,6 +29,10 @@ class RunConfig:
     workers: int = field(
         default=2, metadata={"help": "Ray actors (executor = ray) or Flower simulation actors"}
     )
+    min_clients: int = field(
+        default=1,
+        metadata={"help": "fewest valid updates a round aggregates; fewer stop the run"},
+    )
     ray_address: str = field(
         default="",
         metadata={"help": "existing Ray cluster host:port; '' = start a local Ray instance"},
@@ -41,6 +45,7 @@ class RunConfig:
         check(bool(self.name) and "/" not in self.name, "run.name", "must be a plain folder name")
         check_choice(self.executor, "run.executor", executor_names())
         check(self.workers >= 1, "run.workers", "must be >= 1")
+        check(self.min_clients >= 1, "run.min_clients", "must be >= 1")
         if self.ray_address:
             check(self.executor == "ray", "run.ray_address", 'needs run.executor = "ray"')
             host, _, port = self.ray_address.removeprefix("ray://").rpartition(":")

@@ -20,12 +20,17 @@ Every executor, ``fedfit central``, ``fedfit report``, the benchmarks and the te
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import math
 import os
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from fedfit.log import log
 
 if TYPE_CHECKING:
     from fedfit.algorithms.base import ServerState
@@ -42,6 +47,40 @@ LOGS = (ROUNDS, CLIENTS, TIMING)
 
 class RunExistsError(FileExistsError):
     """A new run would write into a folder that already holds one."""
+
+
+class RunLocked(RunExistsError):
+    """Another process is running (or resuming) this run."""
+
+
+class CheckpointError(ValueError):
+    """checkpoint.pt cannot be resumed from: damaged, another run's, or ahead of the logs."""
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None: JSON has no NaN, and a
+    file holding a bare ``NaN`` is not valid JSON for other tools."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    return json.dumps(finite_json(value), allow_nan=False, **kwargs)
+
+
+def _parsed(path: Path, lines: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+    return out
 
 
 def _rows(path: Path) -> Iterator[dict[str, Any]]:
@@ -84,7 +123,8 @@ class RunFolder:
         if resume:
             if not folder.has_checkpoint():
                 raise FileNotFoundError(f"{run_dir}: no {CHECKPOINT} to resume from")
-        elif run_dir.exists() and any(run_dir.iterdir()):
+            return folder  # config.toml stays the run's own
+        if run_dir.exists() and any(run_dir.iterdir()):
             if not overwrite:
                 raise RunExistsError(
                     f"{run_dir} already exists: resume it with --resume {run_dir}, pick "
@@ -97,6 +137,26 @@ class RunFolder:
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[RunFolder]:
+        """Hold the run exclusively (a lock file beside the folder, filelock): a second run
+        or resume on the same folder is refused with ``RunLocked`` while this one works."""
+        from filelock import FileLock, Timeout
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.path.parent / f".{self.path.name}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise RunLocked(
+                f"{self.path} is in use by another fedfit process (run or resume); wait for "
+                "it to end, or give this run another name with --set run.name=..."
+            ) from None
+        try:
+            yield self
+        finally:
+            lock.release()
 
     def clear(self) -> None:
         """Remove the run's logs, summary and checkpoint (not config.toml or plots)."""
@@ -136,7 +196,7 @@ class RunFolder:
     def append(self, name: str, row: dict[str, Any]) -> None:
         """One row at the end of a log (rounds.jsonl, clients.jsonl or timing.jsonl)."""
         with self.file(name).open("a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.write(dumps(row, sort_keys=True) + "\n")
 
     def rows(self, name: str) -> list[dict[str, Any]]:
         """Every row of a log; none when it does not exist yet."""
@@ -152,15 +212,36 @@ class RunFolder:
     def timing(self) -> list[dict[str, Any]]:
         return self.rows(TIMING)
 
+    def _lines(self, name: str) -> list[str]:
+        """A log's non-blank lines, a torn last line (a process killed while writing it)
+        dropped with a warning naming the file."""
+        path = self.file(name)
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        if lines:
+            try:
+                json.loads(lines[-1])
+            except json.JSONDecodeError:
+                log(f"{path}:{len(lines)}: torn last line (the run was killed while writing "
+                    "it): dropped")  # fmt: skip
+                lines.pop()
+        return lines
+
+    def truncate_torn(self) -> None:
+        """Drop a torn last line from every log (see ``_lines``)."""
+        for name in LOGS:
+            if self.file(name).exists():
+                self.file(name).write_text("".join(line + "\n" for line in self._lines(name)))
+
     def truncate(self, last_round: int) -> None:
         """Drop every log's rows of rounds after ``last_round`` (a run killed between its
-        rows and its checkpoint)."""
+        rows and its checkpoint), and a torn last line."""
         for name in LOGS:
             path = self.file(name)
             if not path.exists():
                 continue
-            lines = [line for line in path.read_text().splitlines() if line.strip()]
-            kept = [line for line in lines if json.loads(line)["round"] <= last_round]
+            lines = self._lines(name)
+            kept = [line for line, row in zip(lines, _parsed(path, lines), strict=True)
+                    if row["round"] <= last_round]  # fmt: skip
             path.write_text("".join(line + "\n" for line in kept))
 
     # ---------------------------------------------------------------- summary
@@ -169,7 +250,7 @@ class RunFolder:
         return self.file(SUMMARY).is_file()
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        self.file(SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        self.file(SUMMARY).write_text(dumps(summary, indent=2) + "\n")
 
     def summary(self) -> dict[str, Any]:
         """summary.json (written when the run ended)."""
@@ -189,19 +270,55 @@ class RunFolder:
     def has_checkpoint(self) -> bool:
         return self.file(CHECKPOINT).exists()
 
+    def config_fingerprint(self) -> str:
+        """sha256 of config.toml as the run wrote it (a checkpoint records it)."""
+        return hashlib.sha256(self.file(CONFIG).read_bytes()).hexdigest()
+
     def save_checkpoint(self, state: ServerState, extra: dict[str, Any]) -> None:
-        """The server state (and ``extra``), written atomically."""
+        """The server state (and ``extra``, and the run's config fingerprint), written
+        atomically."""
         import torch
 
         tmp = self.file(CHECKPOINT + ".tmp")
-        torch.save({"state": state.__dict__, **extra}, tmp)
+        meta = {"config_sha256": self.config_fingerprint()} if self.has_config() else {}
+        torch.save({"state": state.__dict__, **meta, **extra}, tmp)
         os.replace(tmp, self.file(CHECKPOINT))
 
     def load_checkpoint(self) -> tuple[ServerState, dict[str, Any]]:
-        """The server state of the last finished round, and what was saved beside it."""
+        """The server state of the last finished round, and what was saved beside it;
+        ``CheckpointError`` when the file is damaged."""
         import torch
 
         from fedfit.algorithms.base import ServerState
 
-        data = torch.load(self.file(CHECKPOINT), weights_only=False)
-        return ServerState(**data.pop("state")), data
+        path = self.file(CHECKPOINT)
+        try:
+            data = torch.load(path, weights_only=False)
+            state = ServerState(**data.pop("state"))
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # a truncated zip, garbage, another program's file
+            raise CheckpointError(
+                f"{path} is damaged and cannot be read ({type(err).__name__}: "
+                f"{str(err)[:200]}); start the run again with --overwrite"
+            ) from None
+        return state, data
+
+    def resumable_checkpoint(self) -> tuple[ServerState, dict[str, Any]]:
+        """``load_checkpoint``, checked against this folder: the checkpoint must be this
+        run's (its config fingerprint equals config.toml's) and no later than the logs."""
+        state, extra = self.load_checkpoint()
+        recorded = extra.get("config_sha256")
+        if recorded is not None and recorded != self.config_fingerprint():
+            raise CheckpointError(
+                f"{self.file(CHECKPOINT)} was written by another run, or {CONFIG} changed "
+                "since the run started (their fingerprints differ): not resumed"
+            )
+        rounds = self.rounds() if self.file(ROUNDS).is_file() else []
+        logged = max((r["round"] for r in rounds), default=-1)
+        if state.round > logged:
+            raise CheckpointError(
+                f"{self.file(CHECKPOINT)} holds round {state.round} but {ROUNDS} ends at "
+                f"round {logged}: the checkpoint is not this folder's; not resumed"
+            )
+        return state, extra

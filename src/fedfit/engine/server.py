@@ -24,13 +24,15 @@ checkpoint of round r and running r+1.. gives the same rounds as an uninterrupte
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
+import torch
 
 from fedfit.algorithms.base import ClientTask, ServerState, load_tensors_
 from fedfit.devices import Budget
@@ -38,12 +40,23 @@ from fedfit.engine.client import ClientResult, ClientRunner
 from fedfit.engine.runfolder import CLIENTS, ROUNDS, TIMING, RunFolder
 from fedfit.engine.seeds import derive_seed
 from fedfit.engine.setup import RunSetup, evaluate, majority_baseline
+from fedfit.engine.validation import rejection
+from fedfit.errors import RunStopped
 from fedfit.log import log
 from fedfit.planning import Plan
 
 ProgressFn = Callable[[int, int, dict[str, Any] | None], None]
 
 CUMULATIVE = ("upload_bytes", "download_bytes", "client_flops")
+
+
+def non_finite(params: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity."""
+    return [
+        name
+        for name, t in params.items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
 
 
 def sample_clients(seed: int, round_: int, eligible: list[int], per_round: int) -> list[int]:
@@ -124,12 +137,13 @@ class Server:
 
     def resume(self) -> None:
         """The checkpoint's state; rows of later rounds are dropped, totals carried on."""
-        self.state, extra = self.folder.load_checkpoint()
+        self.folder.truncate_torn()
+        self.state, extra = self.folder.resumable_checkpoint()
         self.wall = float(extra.get("wall_s", 0.0))
         self.folder.truncate(self.state.round)
+        # totals from the rows that are there (not copied from the last row)
         previous = self.folder.rounds()
-        if previous:
-            self.cum = {k: previous[-1][f"cum_{k}"] for k in CUMULATIVE}
+        self.cum = {k: sum(r[k] for r in previous) for k in CUMULATIVE}
         log(f"resuming {self.folder.path} after round {self.state.round}")
 
     def start(self) -> None:
@@ -176,33 +190,89 @@ class Server:
             raise RuntimeError(
                 f"round {opened.round}: updates of clients {got}, sent {opened.clients}"
             )
-        updates = [r.update for r in results]
-        client_rows = [
-            {
-                "round": opened.round,
+        setup, round_ = self.setup, opened.round
+        client_rows, updates, rejected = [], [], {}
+        for cid, result, (task, download_bytes) in zip(
+            opened.clients, results, opened.sent, strict=True
+        ):
+            client_row = {
+                "round": round_,
                 "client_id": cid,
                 **result.row,
                 "download_bytes": download_bytes,
                 **self.assigned(cid),
             }
-            for cid, result, (_, download_bytes) in zip(
-                opened.clients, results, opened.sent, strict=True
+            reason = self.rejection(result, task)
+            if reason is None:
+                updates.append(result.update)
+            else:
+                client_row["rejected"] = rejected[cid] = reason
+                log(f"round {round_}: client {cid}'s update rejected: {reason}")
+            client_rows.append(client_row)
+        need = min(setup.config.run.min_clients, len(opened.clients))
+        if len(updates) < need:
+            reasons = "; ".join(f"client {c}: {why}" for c, why in rejected.items())
+            self.stop(
+                f"round {round_}: {len(updates)} of {len(opened.clients)} updates are valid, "
+                f"fewer than run.min_clients = {need} ({reasons})",
+                client_rows,
             )
-        ]
-        self.state = self.setup.algorithm.aggregate(self.state, updates)
         weights = np.array([u.num_examples for u in updates], dtype=float)
         losses = np.array([u.metrics.get("train_loss", np.nan) for u in updates])
+        train_loss = float(np.sum(weights * losses) / weights.sum())
+        self.state = setup.algorithm.aggregate(self.state, updates)
+        bad = non_finite(self.state.params)
+        if bad:
+            self.stop(
+                f"round {round_}: after aggregation the global model holds non-finite values "
+                f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): the run diverged",
+                client_rows,
+            )
         row = {
-            "round": opened.round,
+            "round": round_,
             "clients": opened.clients,
             "num_clients": len(opened.clients),
-            "train_loss": float(np.sum(weights * losses) / weights.sum()),
+            "train_loss": train_loss,
             "upload_bytes": sum(r["upload_bytes"] for r in client_rows),
             "download_bytes": sum(r["download_bytes"] for r in client_rows),
             "client_flops": sum(r["flops"] for r in client_rows),
         }
+        if rejected:
+            row["rejected"] = len(rejected)
         self._record(client_rows, row, time.perf_counter() - opened.opened_at)
         return row
+
+    def rejection(self, result: ClientResult, task: ClientTask) -> str | None:
+        """Why a client's result must not be aggregated (engine/validation.py), or None."""
+        if "error" in result.row:
+            return f"the client failed: {result.row['error']}"
+        loss = result.update.metrics.get("train_loss")
+        if isinstance(loss, float) and not math.isfinite(loss):
+            return f"its training loss is {loss} (the client's training diverged)"
+        cid = task.client_id
+        return rejection(
+            result.update,
+            task,
+            self.setup.algorithm.payload_kind,
+            shard_size=len(self.setup.shards[cid]),
+            upload_bytes=result.row["upload_bytes"],
+            budget=self.setup.population.budgets[cid],
+        )
+
+    def stop(self, message: str, client_rows: Sequence[dict[str, Any]] = ()) -> NoReturn:
+        """End the run: the failed round's client rows (with each rejection's reason) are
+        appended, summary.json says why (the rows so far stay, the checkpoint is the last
+        good round's), then ``RunStopped``."""
+        for c in client_rows:
+            self.folder.append(CLIENTS, c)
+        summary = summarize(self.setup, self.folder.rounds(), self.folder.clients(), self.wall)
+        self.folder.write_summary({**summary, "stopped": message})
+        last = self.folder.rounds()
+        kept = f"round {last[-1]['round']}" if last else "none"
+        raise RunStopped(
+            f"{message}. The run stopped; {self.folder.path} keeps its rows and the "
+            f"checkpoint of its last good round ({kept}); lower train.lr or server.lr"
+        )
 
     def serve(self, run_clients: ClientRunner, last_round: int) -> None:
         """Rounds ``next_round .. last_round``, the clients' part by ``run_clients`` (which
@@ -231,6 +301,10 @@ class Server:
             row["eval"] = evaluate(setup.model, setup.test, config.train.eval_batch_size)
             if setup.prior_loss is not None:
                 row["eval"]["prior_loss"] = setup.prior_loss
+            if not math.isfinite(row["eval"]["loss"]):
+                self.stop(
+                    f"round {round_}: the evaluation loss is {row['eval']['loss']}", client_rows
+                )
             eval_s = time.perf_counter() - t1
         self.wall += train_s + eval_s
         for k in CUMULATIVE:

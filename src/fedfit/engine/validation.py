@@ -46,8 +46,10 @@ def tensor_problem(
     if bad:
         return f"{name}: {bad} of {tensor.numel()} values are not finite"
     if sent is None:
-        if not tensor.is_floating_point() and tensor.dtype != torch.bool and bool(
-            (tensor < 0).any()
+        if (
+            not tensor.is_floating_point()
+            and tensor.dtype != torch.bool
+            and bool((tensor < 0).any())
         ):
             return f"{name}: negative seeds or indices"
         return None

@@ -12,14 +12,15 @@ manifest naming the source file, so an interrupted or outdated conversion is nev
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from filelock import FileLock
 
 from fedfit.log import log
 from fedfit.paths import cache_dir
@@ -46,22 +47,6 @@ def _is_complete(folder: Path, expected: dict[str, Any]) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """Inter-process lock, so parallel workers do not convert the same model twice."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: the atomic rename below still keeps the cache consistent
-        yield
-        return
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def cached_folder(
     name: str, source: Path, build: Callable[[Path, Path], None], what: str = "converting"
 ) -> Path:
@@ -77,7 +62,8 @@ def cached_folder(
     expected = _expected_manifest(source)
     if _is_complete(dest, expected):
         return dest
-    with _lock(root / f".{name}.lock"):
+    # an inter-process lock, so parallel workers do not convert the same model twice
+    with FileLock(str(root / f".{name}.lock")):
         if _is_complete(dest, expected):  # another process finished it while we waited
             return dest
         for leftover in root.glob(f".{name}.tmp*"):  # interrupted earlier builds

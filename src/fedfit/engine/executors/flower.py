@@ -103,6 +103,7 @@ from fedfit.engine.processes import stop_processes, with_descendants  # noqa: E4
 from fedfit.engine.runfolder import SUMMARY, RunFolder  # noqa: E402
 from fedfit.engine.server import OpenRound, ProgressFn, Server  # noqa: E402
 from fedfit.engine.setup import build, model_fingerprint  # noqa: E402
+from fedfit.errors import RunStopped  # noqa: E402
 from fedfit.log import log  # noqa: E402
 
 NODE_WAIT_S = 120.0  # how long the ServerApp waits for the nodes of every client
@@ -507,6 +508,9 @@ def simulate(
         flwr_logger.setLevel(level)
     if not folder.has_summary():
         raise RuntimeError(f"flower: the simulation ended without finishing {folder.path}")
+    stopped = folder.summary().get("stopped")
+    if stopped:
+        raise RunStopped(f"{stopped}. The run stopped; see {folder.path}")
     return folder.path
 
 
