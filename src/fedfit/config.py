@@ -30,6 +30,7 @@ from fedfit.devices import DevicesConfig as DevicesConfig
 from fedfit.engine.run_config import RunConfig as RunConfig
 from fedfit.errors import ConfigError as ConfigError
 from fedfit.errors import check, check_choice
+from fedfit.log import log
 from fedfit.models.config import ModelConfig as ModelConfig
 from fedfit.quantize import CompressConfig as CompressConfig
 from fedfit.server_opt import ServerConfig as ServerConfig
@@ -116,6 +117,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{key}: {value!r} is not a {annotation}")
+    if isinstance(value, SetValue):
+        if annotation is str:
+            return value.text
+        value = value.parsed
     if hint in (tuple, list):
         check(isinstance(value, list | tuple), key, f"expected a list, got {value!r}")
         inner = args[0] if args else Any
@@ -172,6 +177,16 @@ def _method(name: str, values: dict[str, Any]) -> MethodConfig:
     return MethodConfig(name=name, options=build_dataclass(options_cls, values, "method"))
 
 
+@dataclass(frozen=True)
+class SetValue:
+    """A ``--set`` value before it meets its key: the text as typed and its TOML reading.
+    A string key takes the text (``--set run.name=inf`` names the run "inf"), any other key
+    the parsed value."""
+
+    text: str
+    parsed: Any
+
+
 def parse_value(text: str) -> Any:
     """A ``--set`` value: parsed as a TOML value (numbers, booleans, lists), else a string."""
     try:
@@ -183,6 +198,7 @@ def parse_value(text: str) -> Any:
 def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings onto a raw TOML dict (a new dict is returned)."""
     merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    parsed = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
@@ -193,7 +209,18 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dic
         section, name = key.split(".", 1)
         if section not in SECTIONS and section != "method":
             raise _unknown(section, [*SECTIONS, "method"])
-        merged.setdefault(section, {})[name] = parse_value(text.strip())
+        parsed.append((section, name, SetValue(text.strip(), parse_value(text.strip()))))
+    file_method = merged.get("method", {})
+    new_name = next((v.text for s, n, v in parsed if (s, n) == ("method", "name")), None)
+    if isinstance(file_method, dict) and new_name not in (None, file_method.get("name", "lora")):
+        # another method: the file's [method] options were the old method's
+        dropped = sorted(k for k in file_method if k != "name")
+        if dropped:
+            log(f"--set method.name={new_name}: the config file's [method] options "
+                f"({', '.join(dropped)}) were {file_method.get('name', 'lora')}'s; dropped")  # fmt: skip
+        merged["method"] = {}
+    for section, name, value in parsed:
+        merged.setdefault(section, {})[name] = value
     return merged
 
 
@@ -207,6 +234,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
     parts = {name: build_dataclass(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items()}
     method_values = dict(raw.get("method", {}))
     name = method_values.pop("name", "lora")
+    name = name.text if isinstance(name, SetValue) else name
     check(isinstance(name, str), "method.name", f"expected a string, got {name!r}")
     return Config(**parts, method=_method(name, method_values))
 
