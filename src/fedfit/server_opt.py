@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedfit.errors import check, check_choice
+from fedfit.robust import AGGREGATIONS
 
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi", "fedadagrad")
 
@@ -40,6 +41,17 @@ class ServerConfig:
     beta1: float = field(default=0.9, metadata={"help": "first-moment decay (adaptive)"})
     beta2: float = field(default=0.99, metadata={"help": "second-moment decay (adam/yogi)"})
     tau: float = field(default=1e-3, metadata={"help": "adaptivity (epsilon) of FedOpt"})
+    aggregation: str = field(
+        default="mean",
+        metadata={"help": "mean | median | trimmed_mean | krum | multi_krum (fedfit/robust.py)"},
+    )
+    trim: float = field(
+        default=0.1, metadata={"help": "trimmed_mean: fraction dropped at each end"}
+    )
+    krum_f: int = field(default=1, metadata={"help": "krum: attackers tolerated (n > 2f + 2)"})
+    clip_norm: float = field(
+        default=0.0, metadata={"help": "clip each client's change to this L2 norm; 0 = off"}
+    )
 
     def __post_init__(self) -> None:
         check_choice(self.optimizer, "server.optimizer", SERVER_OPTIMIZERS)
@@ -47,6 +59,10 @@ class ServerConfig:
         check(0 <= self.beta1 < 1, "server.beta1", "must be in [0, 1)")
         check(0 <= self.beta2 < 1, "server.beta2", "must be in [0, 1)")
         check(self.tau > 0, "server.tau", "must be > 0")
+        check_choice(self.aggregation, "server.aggregation", AGGREGATIONS)
+        check(0 <= self.trim < 0.5, "server.trim", "must be in [0, 0.5)")
+        check(self.krum_f >= 0, "server.krum_f", "must be >= 0")
+        check(self.clip_norm >= 0, "server.clip_norm", "must be >= 0 (0 = off)")
 
 
 def server_step(

@@ -34,7 +34,6 @@ from fedfit.algorithms.base import (
     apply_server_update,
     batch_indices,
     load_tensors_,
-    weighted_mean,
 )
 from fedfit.algorithms.registry import register
 from fedfit.costs.spec import TrainSpec
@@ -102,7 +101,9 @@ class FedSGD(Algorithm):
         return Update(task.client_id, payload, len(shard), metrics)
 
     def aggregate(self, state: ServerState, updates: Sequence[Update]) -> ServerState:
-        grad = weighted_mean([u.payload for u in updates], [u.num_examples for u in updates])
+        grad = self.combine(
+            state, [u.payload for u in updates], [u.num_examples for u in updates], gradients=True
+        )
         lr = self.config.train.lr
         target = {n: state.params[n].to(g.dtype) - lr * g for n, g in grad.items()}
         return apply_server_update(state, target, self.config.server)

@@ -26,6 +26,8 @@ from fedfit.costs.spec import TrainSpec
 from fedfit.data import collate
 from fedfit.payload import Payload
 from fedfit.planning import CostContext, Plan, check
+from fedfit.robust import combine
+from fedfit.robust import weighted_mean as weighted_mean
 
 if TYPE_CHECKING:
     from fedfit.devices import Budget
@@ -164,8 +166,29 @@ class Algorithm:
         return Update(task.client_id, payload, len(shard), metrics)
 
     def aggregate(self, state: ServerState, updates: Sequence[Update]) -> ServerState:
-        mean = weighted_mean([u.payload for u in updates], [u.num_examples for u in updates])
+        mean = self.combine(state, [u.payload for u in updates], [u.num_examples for u in updates])
         return apply_server_update(state, mean, self.config.server)
+
+    def combine(
+        self,
+        state: ServerState,
+        payloads: Sequence[Mapping[str, torch.Tensor]],
+        weights: Sequence[float],
+        gradients: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """The round's uploads of tensors combined by ``server.aggregation`` (the weighted
+        mean by default; fedfit/robust.py); ``gradients``: they are gradients, not weights
+        of ``state.params`` (what ``server.clip_norm`` clips is then the upload itself)."""
+        server = self.config.server
+        return combine(
+            payloads,
+            weights,
+            rule=server.aggregation,
+            trim=server.trim,
+            krum_f=server.krum_f,
+            clip_norm=server.clip_norm,
+            reference=None if gradients else state.params,
+        )
 
 
 # ---------------------------------------------------------------- shared pure functions
@@ -185,24 +208,6 @@ def load_tensors_(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -
         raise KeyError(f"payload names not in the model: {missing[:3]}")
     for name, value in tensors.items():
         params[name].copy_(value)
-
-
-def weighted_mean(
-    payloads: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
-) -> dict[str, torch.Tensor]:
-    """Per-tensor weighted mean over the payloads that hold that tensor.
-
-    A tensor missing from some payloads is averaged over the ones that have it, with their
-    weights renormalised (layer-wise averaging, docs/methods.md).
-    """
-    sums: dict[str, torch.Tensor] = {}
-    totals: dict[str, float] = {}
-    for payload, w in zip(payloads, weights, strict=True):
-        for name, t in payload.items():
-            t = t.to(torch.float64) * w
-            sums[name] = sums[name] + t if name in sums else t
-            totals[name] = totals.get(name, 0.0) + w
-    return {n: s / totals[n] for n, s in sums.items()}
 
 
 def apply_server_update(

@@ -46,7 +46,6 @@ from fedfit.algorithms.base import (
     load_tensors_,
     local_train,
     trainable_tensors,
-    weighted_mean,
 )
 from fedfit.algorithms.peft import LoRA, LoraOptions
 from fedfit.algorithms.registry import register
@@ -205,7 +204,7 @@ class HetLoRA(Algorithm):
         padded = [
             {n: zero_pad(t, state.params[n].shape) for n, t in u.payload.items()} for u in updates
         ]
-        mean = weighted_mean(padded, [u.num_examples for u in updates])
+        mean = self.combine(state, padded, [u.num_examples for u in updates])
         return apply_server_update(state, mean, self.config.server)
 
 

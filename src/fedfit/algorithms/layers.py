@@ -48,7 +48,6 @@ from fedfit.algorithms.base import (
     load_tensors_,
     local_train,
     train_subset,
-    weighted_mean,
 )
 from fedfit.algorithms.prefix_cache import PrefixCache
 from fedfit.algorithms.registry import register
@@ -178,7 +177,7 @@ class LayerFineTuning(Algorithm):
         return Update(task.client_id, payload, len(shard), metrics)
 
     def aggregate(self, state: ServerState, updates: Sequence[Update]) -> ServerState:
-        mean = weighted_mean([u.payload for u in updates], [u.num_examples for u in updates])
+        mean = self.combine(state, [u.payload for u in updates], [u.num_examples for u in updates])
         if self.options.aggregation == "r_weighted":
             for name in mean:
                 r = sum(name in u.payload for u in updates) / len(updates)

@@ -49,7 +49,6 @@ from fedfit.algorithms.base import (
     load_tensors_,
     local_train,
     train_subset,
-    weighted_mean,
 )
 from fedfit.algorithms.registry import register
 from fedfit.config import ConfigError
@@ -173,7 +172,7 @@ class PartialTraining(Algorithm):
         return Update(task.client_id, payload, len(shard), metrics)
 
     def aggregate(self, state: ServerState, updates: Sequence[Update]) -> ServerState:
-        mean = weighted_mean([u.payload for u in updates], [u.num_examples for u in updates])
+        mean = self.combine(state, [u.payload for u in updates], [u.num_examples for u in updates])
         return apply_server_update(state, mean, self.config.server)
 
     def rounds_to_cover(self) -> int:

@@ -19,6 +19,7 @@ from fedfit.data import TextDataset, load_configured, partition, tokenize
 from fedfit.devices import Population, build_population
 from fedfit.engine.channel import Channel
 from fedfit.engine.seeds import derive_seed
+from fedfit.errors import ConfigError
 from fedfit.log import log
 from fedfit.models import get_model_info, load_model
 from fedfit.planning import CostContext, Plan, exclusions
@@ -223,13 +224,16 @@ def check_head_init(
 
 def make_channel(config: Config) -> Channel:
     """The run's wire (engine/channel.py) for the configured method and compression."""
-    return Channel(
-        config.compress,
-        # read on an instance: a method's upload may depend on its options (Spry's)
-        make_algorithm(config).payload_kind,
-        config.method.name,
-        config.run.seed,
-    )
+    # read on an instance: a method's upload may depend on its options (Spry's)
+    kind = make_algorithm(config).payload_kind
+    server = config.server
+    if kind == "scalars" and (server.aggregation != "mean" or server.clip_norm):
+        raise ConfigError(
+            f"server.aggregation / server.clip_norm: {config.method.name} uploads seeds and "
+            "scalars, which its own aggregate combines; robust aggregation and clipping apply "
+            "to uploads of tensors (weights, gradients)"
+        )
+    return Channel(config.compress, kind, config.method.name, config.run.seed)
 
 
 def cost_optimizer(optimizer: str, momentum: float) -> str:

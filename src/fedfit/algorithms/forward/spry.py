@@ -19,7 +19,6 @@ from fedfit.algorithms.base import (
     Update,
     apply_server_update,
     batch_indices,
-    weighted_mean,
 )
 from fedfit.algorithms.forward.core import (
     Batch,
@@ -185,7 +184,7 @@ class Spry(FedFGD):
                 for n in estimate:
                     estimate[n].add_(v[n], alpha=d / len(jvps))
             grads.append(estimate)
-        grad = weighted_mean(grads, [u.num_examples for u in updates])
+        grad = self.combine(state, grads, [u.num_examples for u in updates], gradients=True)
         lr = self.config.train.lr
         target = {n: state.params[n].to(g.dtype) - lr * g for n, g in grad.items()}
         return apply_server_update(state, target, self.config.server)
