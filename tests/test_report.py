@@ -3,7 +3,7 @@
 The synthetic classification run: 4 rounds, 2 clients per round, evaluation on rounds 2 and 4.
 Each client uploads 1.5 MB, downloads 2 MB and spends 33.5 GFLOP per round, so a round moves
 3 MB up and costs 67 GFLOP; after 4 rounds: 12 MB up, 16 MB down, 268 GFLOP. Client peak memory
-alternates 214 MB / 148 MB (the backprop vs jvp numbers of OFFLINE.md).
+alternates 214 MB / 148 MB (the backprop vs jvp numbers of docs/offline.md).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def tiny_bert(num_labels: int = 3, vocab: int = 30522) -> nn.Module:
         intermediate_size=64,
         max_position_embeddings=128,
         num_labels=num_labels,
-        attn_implementation="eager",  # forward-mode AD fails under SDPA on CPU (OFFLINE.md)
+        attn_implementation="eager",  # forward-mode AD fails under SDPA on CPU (docs/offline.md)
     )
     torch.manual_seed(0)
     return BertForSequenceClassification(config)
@@ -339,7 +339,7 @@ def test_minilm_full_step_flops() -> None:
     model = _minilm()
     batch = bert_batch(16, 64)
     _, flops = count_flops(lambda: model(**batch).loss.backward())
-    # OFFLINE.md: MiniLM-L6, 16 x 64, forward + backward of all weights: 67 GFLOP
+    # docs/offline.md: MiniLM-L6, 16 x 64, forward + backward of all weights: 67 GFLOP
     assert flops == pytest.approx(67e9, rel=0.05)
 
 
@@ -353,7 +353,7 @@ def test_minilm_lora_peak_memory() -> None:
     opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
     _, small, _ = measure_step(lora, opt, bert_batch(8, 64))
     _, large, _ = measure_step(lora, opt, bert_batch(32, 128))
-    # OFFLINE.md, measured with a storage-counting dispatch mode: 214 MB (8 x 64), 1030 MB (32 x 128)
+    # docs/offline.md, measured with a storage-counting dispatch mode: 214 MB (8 x 64), 1030 MB (32 x 128)
     assert 150e6 < small.peak_bytes < 260e6
     assert large.peak_bytes == pytest.approx(1030e6, rel=0.10)
     # activations grow with batch x length (x length again for attention); the rest does not

@@ -1,4 +1,4 @@
-"""Tweets: raw counts against OFFLINE.md, cleaning rules on hand-made rows, the fixed split."""
+"""Tweets: raw counts against docs/offline.md, cleaning rules on hand-made rows, the fixed split."""
 
 from __future__ import annotations
 

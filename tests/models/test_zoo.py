@@ -34,7 +34,7 @@ def test_list_models_names_and_published_sizes() -> None:
         "tiny-bert",
         "tiny-llama",
     ]
-    # Published sizes (OFFLINE.md: 22.7M, 17.2M + pooler, 134.5M), counted in closed form.
+    # Published sizes (docs/offline.md: 22.7M, 17.2M + pooler, 134.5M), counted in closed form.
     assert infos["minilm-l6"].num_params == 22_713_216
     assert infos["minilm-l3"].num_params == 17_241_984 + 384 * 384 + 384  # identity pooler
     assert infos["smollm2-135m"].num_params == 134_515_008
