@@ -8,6 +8,7 @@ the path).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -100,7 +101,12 @@ def _resumable(run_dir: Path, config: Config) -> bool:
     folder = RunFolder(run_dir)
     if not folder.has_checkpoint() or not folder.has_config():
         return False
-    if folder.config_text() != to_toml(config):
+    # the same config wherever the folder is reached from (a moved or linked checkout)
+    saved = folder.config()
+    saved = dataclasses.replace(
+        saved, run=dataclasses.replace(saved.run, output_dir=config.run.output_dir)
+    )
+    if to_toml(saved) != to_toml(config):
         return False
     done = folder.rounds()
     return not done or done[-1]["round"] < config.run.rounds

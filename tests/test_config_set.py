@@ -15,6 +15,7 @@ DEFAULT = Path(__file__).resolve().parents[1] / "examples" / "default.toml"
 
 def test_a_string_key_takes_the_text_as_typed() -> None:
     config = load_config(None, ["run.name=inf", "data.eval_examples=100", "train.lr=1e-3"])
+    assert load_config(None, ['run.name="quoted"']).run.name == "quoted"
     assert config.run.name == "inf" and config.data.eval_examples == 100
     assert config.train.lr == 1e-3
     with pytest.raises(ConfigError, match="train.lr: expected a number, got 'abc'"):

@@ -119,7 +119,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         raise ConfigError(f"{key}: {value!r} is not a {annotation}")
     if isinstance(value, SetValue):
         if annotation is str:
-            return value.text
+            return value.string
         value = value.parsed
     if hint in (tuple, list):
         check(isinstance(value, list | tuple), key, f"expected a list, got {value!r}")
@@ -186,6 +186,12 @@ class SetValue:
     text: str
     parsed: Any
 
+    @property
+    def string(self) -> str:
+        """The value for a string key: a quoted TOML string unquoted, anything else as
+        typed."""
+        return self.parsed if isinstance(self.parsed, str) else self.text
+
 
 def parse_value(text: str) -> Any:
     """A ``--set`` value: parsed as a TOML value (numbers, booleans, lists), else a string."""
@@ -211,7 +217,7 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dic
             raise _unknown(section, [*SECTIONS, "method"])
         parsed.append((section, name, SetValue(text.strip(), parse_value(text.strip()))))
     file_method = merged.get("method", {})
-    new_name = next((v.text for s, n, v in parsed if (s, n) == ("method", "name")), None)
+    new_name = next((v.string for s, n, v in parsed if (s, n) == ("method", "name")), None)
     if isinstance(file_method, dict) and new_name not in (None, file_method.get("name", "lora")):
         # another method: the file's [method] options were the old method's
         dropped = sorted(k for k in file_method if k != "name")
@@ -234,7 +240,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
     parts = {name: build_dataclass(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items()}
     method_values = dict(raw.get("method", {}))
     name = method_values.pop("name", "lora")
-    name = name.text if isinstance(name, SetValue) else name
+    name = name.string if isinstance(name, SetValue) else name
     check(isinstance(name, str), "method.name", f"expected a string, got {name!r}")
     return Config(**parts, method=_method(name, method_values))
 
