@@ -24,18 +24,18 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, log, read_figures, run_and_read
+from common import ROOT, fill_sizes, log, read_figures, run_and_read
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from fedfit.config import Config, load_config
 from fedfit.engine.runfolder import RunFolder
-from fedfit.report import format_bytes, format_flops
+from fedfit.units import format_bytes, format_flops
 
 RUNS = ROOT / "runs" / "bench"
 # FEDFIT_BENCH_REFRESH=1: finished cells whose run folder still exists are re-read from it.
@@ -262,3 +262,87 @@ def sweep_then_long(
     row["sequential_steps"] = row["rounds"] * local_steps
     result["rows"].append(row)
     write()
+
+
+# ---------------------------------------------------------------- a sweep-then-long benchmark
+
+STARTS = {
+    # --start: (the title's words, the setting's words)
+    "ncm": ("a class-mean head", "class-mean head start (10 clients)"),
+    "random": ("a random head", "random head"),
+}
+
+
+def start_overrides(start: str, quick: bool) -> list[str]:
+    """The model's head before round 1: federated class means (round 0 from 10 clients, 4 in
+    a quick run) or the model's random head."""
+    if start == "ncm":
+        return ["model.head_init=ncm", f"model.head_init_clients={4 if quick else 10}"]
+    return ["model.head_init=random"]
+
+
+def benchmark_args(
+    argv: Sequence[str] | None,
+    doc: str,
+    sizes: tuple[dict[str, int], dict[str, int]],
+    defaults: Mapping[str, Sequence[str]],
+    start_help: str,
+    choices: Sequence[str] | None = None,
+) -> Any:
+    """The command line shared by the gradient-free benchmarks: ``--quick``, one flag per
+    size of ``sizes`` (FULL, QUICK: those left unset take the chosen set's value),
+    ``--threads``, ``--methods`` (default ``defaults[start]``), ``--start``, ``--out``."""
+    import argparse
+
+    full, quick = sizes
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny-bert smoke test")
+    for key in full:
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
+    p.add_argument("--methods", nargs="+", default=None, choices=choices,
+                   help=f"default: {' '.join(defaults['ncm'])}; with --start random: "
+                   f"{' '.join(defaults['random'])}")  # fmt: skip
+    p.add_argument("--start", choices=tuple(STARTS), default="ncm", help=start_help)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.methods is None:
+        args.methods = list(defaults[args.start])
+    fill_sizes(args, quick if args.quick else full)
+    return args
+
+
+def run_benchmark(
+    base_name: str,
+    args: Any,
+    setting: str,
+    common: list[str],
+    grid: Callable[[str, str], tuple[Sequence[float], Sequence[float | None]]],
+    make_cell: Callable[[str, float, float | None, str], Cell],
+    claims: Callable[[list[dict[str, Any]]], list[str]],
+    markdown: Callable[[dict[str, Any]], str],
+) -> None:
+    """Every method of ``args.methods``: its sweep, then its long run (``sweep_then_long``),
+    the result written after each cell to ``RESULTS/NAME.json / .md / .png`` (NAME:
+    ``base_name``, ``_random`` for a random start, ``-quick`` for a smoke test under /tmp)."""
+    from common import DEFAULT_TOML, RESULTS
+
+    name = base_name + ("" if args.start == "ncm" else "_random") + ("-quick" if args.quick else "")
+    out = args.out or (Path("/tmp") / name if args.quick else RESULTS / name)
+    header = {"setting": setting, "benchmark": name, "base": common}
+    ledger = Ledger(out.with_suffix(".json"), header)
+    result: dict[str, Any] = {"rows": [], "sweep": [], "claims": [], "notes": [],
+                              "start": STARTS[args.start][0]}  # fmt: skip
+
+    def write() -> None:
+        write_result(ledger, out, result, claims, markdown)
+
+    def run_point(c: Cell) -> dict[str, Any]:
+        return run_cell(ledger, name, DEFAULT_TOML, common, c)
+
+    for method in args.methods:
+        sweep_then_long(
+            method, run_point, grid(method, args.start), make_cell, args.local_steps, result, write
+        )
+    write()
+    log(f"wrote {out.with_suffix('.md')} (run folders under {RUNS / name})")

@@ -54,7 +54,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from fedfit.config import apply_overrides, from_dict
-from fedfit.report import format_bytes, format_duration, format_flops
+from fedfit.units import format_bytes, format_duration, format_flops
 
 REFERENCE = "fedavg-fp32"
 CLAIM = 10.0  # ~10x less upload at the same perplexity

@@ -38,7 +38,7 @@ from fedfit.config import load_config
 from fedfit.costs import measure_step, run_step
 from fedfit.log import log
 from fedfit.models import load_model
-from fedfit.report import format_bytes, format_flops
+from fedfit.units import format_bytes, format_flops
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("full", "lora", "fedfgd", "spry")

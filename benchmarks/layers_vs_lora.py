@@ -44,7 +44,7 @@ from fedfit.config import Config, apply_overrides, from_dict
 from fedfit.engine.experiment import run
 from fedfit.engine.runfolder import RunFolder
 from fedfit.log import log
-from fedfit.report import format_bytes, format_duration, format_flops
+from fedfit.units import format_bytes, format_duration, format_flops
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -31,23 +31,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from cells import (
-    RUNS,
+    STARTS,
     Cell,
-    Ledger,
+    benchmark_args,
     learned,
     num,
     pct,
     rows_table,
-    run_cell,
+    run_benchmark,
+    start_overrides,
     sweep_table,
-    sweep_then_long,
-    write_result,
 )
-from common import DEFAULT_TOML, RESULTS, log
 
 ZO = ("fedmezo", "fedspzo", "fedkseed", "decomfl", "fedkseed-pro")
 REFERENCE = "lora-backprop"
@@ -70,15 +67,10 @@ QUICK = {"rounds": 2, "sweep_rounds": 1, "local_steps": 2, "clients": 2, "eval_e
 
 def base_overrides(args: argparse.Namespace) -> list[str]:
     model = ["model.name=tiny-bert"] if args.quick else ["model.name=minilm-l3"]
-    start = (
-        ["model.head_init=ncm", f"model.head_init_clients={4 if args.quick else 10}"]
-        if args.start == "ncm"
-        else ["model.head_init=random"]
-    )
     return [
         *model,
         "model.max_length=64",
-        *start,
+        *start_overrides(args.start, args.quick),
         f"data.num_clients={12 if args.quick else 100}",
         f"data.clients_per_round={args.clients}",
         "data.min_examples=10",
@@ -189,62 +181,23 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny-bert smoke test")
-    for key in FULL:
-        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
-    p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
-    p.add_argument(
-        "--methods",
-        nargs="+",
-        default=None,
-        help="default: every ZO method and "
-        f"the backprop reference; with --start random: {' '.join(RANDOM_METHODS)}",
-    )
-    p.add_argument("--start", choices=("ncm", "random"), default="ncm",
-                   help="the head before round 1: federated class means, or random as the "
-                   "forward-gradient references start")  # fmt: skip
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args(argv)
-    if args.methods is None:
-        args.methods = list(RANDOM_METHODS if args.start == "random" else (*ZO[:2], REFERENCE,
-                                                                            *ZO[2:]))  # fmt: skip
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    name = ("zeroorder" if args.start == "ncm" else "zeroorder_random") + (
-        "-quick" if args.quick else ""
-    )
-    out = args.out or (Path("/tmp") / name if args.quick else RESULTS / name)
-    start = "a class-mean head" if args.start == "ncm" else "a random head"
-    start_note = "class-mean head start (10 clients)" if args.start == "ncm" else "random head"
+    defaults = {"ncm": (*ZO[:2], REFERENCE, *ZO[2:]), "random": RANDOM_METHODS}
+    args = benchmark_args(argv, __doc__, (FULL, QUICK), defaults,
+                          "the head before round 1: federated class means, or random as the "
+                          "forward-gradient references start")  # fmt: skip
     setting = (
         f"tweets, 100 clients Dirichlet(0.5), {args.clients} per round, minilm-l3, batch 8, "
-        f"{args.local_steps} local steps, LoRA r=1 alpha=1 + head, {start_note}; "
+        f"{args.local_steps} local steps, LoRA r=1 alpha=1 + head, {STARTS[args.start][1]}; "
         f"sweep {args.sweep_rounds} rounds, long runs {args.rounds} rounds "
         f"({args.rounds * args.local_steps} sequential client steps)."
     )
-    common = base_overrides(args)
-    header = {"setting": setting, "benchmark": name, "base": common}
-    ledger = Ledger(out.with_suffix(".json"), header)
-    result: dict[str, Any] = {"rows": [], "sweep": [], "claims": [], "notes": [], "start": start}
-
-    def write() -> None:
-        write_result(ledger, out, result, claims, markdown)
 
     def make_cell(method: str, lr: float, eps: float | None, phase: str) -> Cell:
         rounds = args.sweep_rounds if phase == "sweep" else args.rounds
         return cell(method, lr, eps, rounds, phase)
 
-    def run_point(c: Cell) -> dict[str, Any]:
-        return run_cell(ledger, name, DEFAULT_TOML, common, c)
-
-    for method in args.methods:
-        sweep_then_long(
-            method, run_point, grid(method, args.start), make_cell, args.local_steps, result, write
-        )
-    write()
-    log(f"wrote {out.with_suffix('.md')} (run folders under {RUNS / name})")
+    run_benchmark("zeroorder", args, setting, base_overrides(args), grid, make_cell, claims,
+                  markdown)  # fmt: skip
 
 
 if __name__ == "__main__":

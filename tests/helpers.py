@@ -92,3 +92,29 @@ def random_shard(
     seqs = [rng.integers(*vocab, size=size).astype(np.int32) for size in sizes]
     labels = None if lm else rng.integers(0, num_labels, size=n)
     return ClientData(client_id, seqs, labels, pad_id=0, lm=lm)
+
+
+def misbehave(monkeypatch: Any, change: Any) -> list[int]:
+    """Make the first client of every round misbehave: its update, once computed, goes
+    through ``change(update, task)`` (which may alter it in place, return another, or raise).
+    Returns the ids of the clients it hit, one per round (the local executor only: Ray and
+    Flower run clients in other processes)."""
+    from fedfit.algorithms.base import Algorithm
+
+    client_update, start_round = Algorithm.client_update, Algorithm.start_round
+    hit: list[int] = []
+
+    def patched_update(self: Any, model: Any, task: Any, shard: Any, ctx: Any) -> Any:
+        update = client_update(self, model, task, shard, ctx)
+        if task.client_id != min(self.round_clients):
+            return update
+        hit.append(task.client_id)
+        return change(update, task)
+
+    def patched_start(self: Any, state: Any, clients: list[int]) -> None:
+        self.round_clients = clients
+        start_round(self, state, clients)
+
+    monkeypatch.setattr(Algorithm, "client_update", patched_update)
+    monkeypatch.setattr(Algorithm, "start_round", patched_start)
+    return hit

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedfit.algorithms.base import Algorithm
 from fedfit.engine.experiment import run
 from fedfit.engine.runfolder import RunFolder
 from fedfit.errors import ConfigError
 from fedfit.robust import clip, combine, krum_scores, median, trimmed_mean
-from tests.helpers import tiny_run_config
+from tests.helpers import misbehave, tiny_run_config
 
 
 def payloads(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -83,31 +82,15 @@ def test_mean_is_the_weighted_mean() -> None:
 
 
 def scale_one_client(monkeypatch: pytest.MonkeyPatch, factor: float) -> None:
-    original = Algorithm.client_update
+    """The first client of every round sends its change times ``factor``."""
 
-    def client_update(self, model, task, shard, ctx):  # type: ignore[no-untyped-def]
-        update = original(self, model, task, shard, ctx)
-        if task.client_id == min(self.round_clients):  # the round's first client attacks
-            update.payload = {
-                n: task.download[n] + factor * (t - task.download[n])
-                for n, t in update.payload.items()
-            }
+    def change(update, task):  # type: ignore[no-untyped-def]
+        update.payload = {
+            n: task.download[n] + factor * (t - task.download[n]) for n, t in update.payload.items()
+        }
         return update
 
-    original_start = Algorithm.start_round
-
-    def start_round(self, state, clients):  # type: ignore[no-untyped-def]
-        self.round_clients = clients
-        original_start(self, state, clients)
-
-    monkeypatch.setattr(Algorithm, "client_update", client_update)
-    monkeypatch.setattr(Algorithm, "start_round", start_round)
-
-
-def global_change(out: Path) -> float:
-    folder = RunFolder(out)
-    params = folder.load_checkpoint()[0].params
-    return float(sum((t.double() ** 2).sum() for t in params.values()))
+    misbehave(monkeypatch, change)
 
 
 def test_median_resists_a_scaled_attacker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,7 +31,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedfit.engine.runfolder import CONFIG, ROUNDS, RunFolder
-from fedfit.units import SI_PREFIXES, format_bytes, format_flops, scale_si, three_sig_figs
+from fedfit.units import (
+    SI_PREFIXES,
+    format_bytes,
+    format_duration,
+    format_flops,
+    scale_si,
+    three_sig_figs,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -80,18 +87,6 @@ _STYLE: dict[Any, Any] = {  # keys typed as Any: matplotlib stubs want Literal r
 
 
 # --------------------------------------------------------------------------- human units
-
-
-def format_duration(seconds: float | int | None) -> str:
-    """Wall time, short enough for a table cell: "12.3 s", "1.4 min" (below an hour), "2.05 h"."""
-    if seconds is None:
-        return "n/a"
-    s = float(seconds)
-    if s < 60:
-        return f"{s:.1f} s"
-    if s < 3600:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.2f} h"
 
 
 def _tick_formatter(unit: str, mantissas: frozenset[int] | None = None) -> FuncFormatter:

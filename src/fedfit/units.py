@@ -1,4 +1,4 @@
-"""Amounts of bytes and FLOPs: parsing what users write, printing what fedfit reports.
+"""Amounts of bytes, FLOPs and seconds: parsing what users write, printing what fedfit reports.
 
 **Parsing** (``parse_bytes`` / ``parse_flops``). Sizes: ``B``, decimal ``kB MB GB TB`` (powers
 of 1000, as ``format_bytes`` prints them) and binary ``KiB MiB GiB TiB`` (powers of 1024).
@@ -11,7 +11,8 @@ the base unit (``"5e9"`` FLOP, ``"300"`` bytes); values are rounded to the neare
 
 **Printing** (``format_bytes`` / ``format_flops``): DECIMAL SI prefixes (1 MB = 1e6 bytes,
 1 GFLOP = 1e9 FLOP), as network bandwidth and FLOP counts are quoted, with three significant
-figures (``format_bytes(1_500_000) == "1.50 MB"``, ``format_flops(67e9) == "67.0 GFLOP"``).
+figures (``format_bytes(1_500_000) == "1.50 MB"``, ``format_flops(67e9) == "67.0 GFLOP"``);
+``format_duration`` prints wall time ("12.3 s", "1.4 min", "2.05 h").
 
 Standard library only, so that config validation and budget errors stay light.
 """
@@ -153,3 +154,15 @@ def format_bytes(n: float | int | None) -> str:
 def format_flops(n: float | int | None) -> str:
     """FLOPs with a decimal prefix, 3 significant figures: 67e9 -> "67.0 GFLOP"; ``None`` -> "n/a"."""
     return _human(n, "FLOP")
+
+
+def format_duration(seconds: float | int | None) -> str:
+    """Wall time, short enough for a table cell: "12.3 s", "1.4 min" (below an hour), "2.05 h"."""
+    if seconds is None:
+        return "n/a"
+    s = float(seconds)
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"

@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 import torch
 
-from fedfit.algorithms.base import Algorithm, ClientTask, Update
+from fedfit.algorithms.base import ClientTask, Update
 from fedfit.cli import main
 from fedfit.devices import Budget
 from fedfit.engine.experiment import run
 from fedfit.engine.runfolder import RunFolder, dumps
 from fedfit.engine.validation import rejection
 from fedfit.errors import ConfigError, RunStopped
-from tests.helpers import tiny_run_config
+from tests.helpers import misbehave, tiny_run_config
 
 SENT = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
 
@@ -88,19 +88,10 @@ def test_infinite_learning_rates_are_config_errors(tmp_path: Path, key: str) -> 
         tiny_run_config(tmp_path, key)
 
 
-def corrupt(monkeypatch: pytest.MonkeyPatch, how: str, victim: int | None = None) -> list[int]:
-    """Make one client per round (the round's first, or ``victim``) misbehave."""
-    original = Algorithm.client_update
-    hit: list[int] = []
+def corrupt(monkeypatch: pytest.MonkeyPatch, how: str) -> list[int]:
+    """Make the first client of every round misbehave in the way ``how`` names."""
 
-    def client_update(
-        self: Algorithm, model: Any, task: ClientTask, shard: Any, ctx: Any
-    ) -> Update:
-        update = original(self, model, task, shard, ctx)
-        first = victim if victim is not None else min(c for c in self.round_clients)
-        if task.client_id != first:
-            return update
-        hit.append(task.client_id)
+    def change(update: Update, task: ClientTask) -> Update:
         if how == "raise":
             raise RuntimeError("the device ran out of battery")
         name = next(iter(update.payload))
@@ -112,15 +103,7 @@ def corrupt(monkeypatch: pytest.MonkeyPatch, how: str, victim: int | None = None
             update.num_examples = 10**9
         return update
 
-    original_start = Algorithm.start_round
-
-    def start_round(self: Algorithm, state: Any, clients: list[int]) -> None:
-        self.round_clients = clients  # type: ignore[attr-defined]
-        original_start(self, state, clients)
-
-    monkeypatch.setattr(Algorithm, "client_update", client_update)
-    monkeypatch.setattr(Algorithm, "start_round", start_round)
-    return hit
+    return misbehave(monkeypatch, change)
 
 
 @pytest.mark.parametrize(

@@ -73,31 +73,23 @@ def dumps(value: Any, **kwargs: Any) -> str:
     return json.dumps(finite_json(value), allow_nan=False, **kwargs)
 
 
-def _parsed(path: Path, lines: list[str]) -> list[dict[str, Any]]:
-    out = []
-    for lineno, line in enumerate(lines, start=1):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-    return out
+def _row(path: Path, lineno: int, line: str) -> dict[str, Any]:
+    """One log line as its JSON object; a bad line raises naming ``file:line``."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+    return row
 
 
 def _rows(path: Path) -> Iterator[dict[str, Any]]:
-    """One JSON object per line; blank lines skipped; a bad line raises naming ``file:line``."""
+    """One JSON object per line, blank lines skipped."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
-                )
-            yield row
+            if line.strip():
+                yield _row(path, lineno, line)
 
 
 class RunFolder:
@@ -240,8 +232,8 @@ class RunFolder:
             if not path.exists():
                 continue
             lines = self._lines(name)
-            kept = [line for line, row in zip(lines, _parsed(path, lines), strict=True)
-                    if row["round"] <= last_round]  # fmt: skip
+            kept = [line for lineno, line in enumerate(lines, start=1)
+                    if _row(path, lineno, line)["round"] <= last_round]  # fmt: skip
             path.write_text("".join(line + "\n" for line in kept))
 
     # ---------------------------------------------------------------- summary

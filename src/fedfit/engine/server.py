@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
-import torch
 
 from fedfit.algorithms.base import ClientTask, ServerState, load_tensors_
 from fedfit.devices import Budget
@@ -40,7 +39,7 @@ from fedfit.engine.client import ClientResult, ClientRunner
 from fedfit.engine.runfolder import CLIENTS, ROUNDS, TIMING, RunFolder
 from fedfit.engine.seeds import derive_seed
 from fedfit.engine.setup import RunSetup, evaluate, majority_baseline
-from fedfit.engine.validation import rejection
+from fedfit.engine.validation import non_finite, rejection
 from fedfit.errors import RunStopped
 from fedfit.log import log
 from fedfit.planning import Plan
@@ -48,15 +47,6 @@ from fedfit.planning import Plan
 ProgressFn = Callable[[int, int, dict[str, Any] | None], None]
 
 CUMULATIVE = ("upload_bytes", "download_bytes", "client_flops")
-
-
-def non_finite(params: Mapping[str, torch.Tensor]) -> list[str]:
-    """Names of the floating-point tensors holding a NaN or an infinity."""
-    return [
-        name
-        for name, t in params.items()
-        if t.is_floating_point() and not bool(torch.isfinite(t).all())
-    ]
 
 
 def sample_clients(seed: int, round_: int, eligible: list[int], per_round: int) -> list[int]:
@@ -265,10 +255,10 @@ class Server:
         good round's), then ``RunStopped``."""
         for c in client_rows:
             self.folder.append(CLIENTS, c)
-        summary = summarize(self.setup, self.folder.rounds(), self.folder.clients(), self.wall)
+        rounds = self.folder.rounds()
+        summary = summarize(self.setup, rounds, self.folder.clients(), self.wall)
         self.folder.write_summary({**summary, "stopped": message})
-        last = self.folder.rounds()
-        kept = f"round {last[-1]['round']}" if last else "none"
+        kept = f"round {rounds[-1]['round']}" if rounds else "none"
         raise RunStopped(
             f"{message}. The run stopped; {self.folder.path} keeps its rows and the "
             f"checkpoint of its last good round ({kept}); lower train.lr or server.lr"

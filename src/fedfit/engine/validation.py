@@ -29,10 +29,16 @@ from fedfit.devices import Budget
 TENSOR_KINDS = ("weights", "gradient", "subset")
 
 
-def _non_finite(tensor: torch.Tensor) -> int:
+def non_finite_count(tensor: torch.Tensor) -> int:
+    """How many of a tensor's values are NaN or infinite (0 for integer tensors)."""
     if not tensor.is_floating_point():
         return 0
     return int((~torch.isfinite(tensor)).sum())
+
+
+def non_finite(params: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors holding a NaN or an infinity (the global model after a step)."""
+    return [name for name, t in params.items() if non_finite_count(t)]
 
 
 def tensor_problem(
@@ -42,7 +48,7 @@ def tensor_problem(
     None for seed-and-scalar payloads)."""
     if not isinstance(tensor, torch.Tensor):
         return f"{name}: not a tensor ({type(tensor).__name__})"
-    bad = _non_finite(tensor)
+    bad = non_finite_count(tensor)
     if bad:
         return f"{name}: {bad} of {tensor.numel()} values are not finite"
     if sent is None:
