@@ -61,6 +61,7 @@ def assert_same_as_local(local: Path, remote: Path, rounds: int) -> None:
         for key in ("round", "client_id", "num_examples", "steps", "upload_bytes", "flops"):
             assert x[key] == y[key], key
         assert x["download_bytes"] == y["download_bytes"]
+        assert (x.get("attack"), x.get("rejected")) == (y.get("attack"), y.get("rejected"))
     pa = RunFolder(local).load_checkpoint()[0].params
     pb = RunFolder(remote).load_checkpoint()[0].params
     assert pa.keys() == pb.keys() and pa

@@ -3,7 +3,7 @@
 A config file has one table per section dataclass, each living with the module that owns it
 ([run] in fedfit.engine.run_config, [model] in fedfit.models.config, [data] in
 fedfit.data.config, [server] in fedfit.server_opt, [devices] in fedfit.devices, [compress] in
-fedfit.quantize); [train] (read by every method's client step) and [method] (a method's own
+fedfit.quantize, [privacy] in fedfit.privacy, [attack] in fedfit.attack); [train] (read by every method's client step) and [method] (a method's own
 options, checked against its registered dataclass) are defined here, and this module
 assembles them all into ``Config``. ``[method]`` holds ``name`` plus
 that method's own options, which are validated against the method's options dataclass (see
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedfit.attack import AttackConfig as AttackConfig
 from fedfit.data.config import DataConfig as DataConfig
 from fedfit.devices import DevicesConfig as DevicesConfig
 from fedfit.engine.run_config import RunConfig as RunConfig
@@ -32,6 +33,7 @@ from fedfit.errors import ConfigError as ConfigError
 from fedfit.errors import check, check_choice
 from fedfit.log import log
 from fedfit.models.config import ModelConfig as ModelConfig
+from fedfit.privacy import PrivacyConfig as PrivacyConfig
 from fedfit.quantize import CompressConfig as CompressConfig
 from fedfit.server_opt import ServerConfig as ServerConfig
 
@@ -82,6 +84,8 @@ class Config:
     method: MethodConfig = field(default_factory=lambda: _method("lora", {}))
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
 
 SECTIONS: dict[str, type] = {
@@ -92,6 +96,8 @@ SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "devices": DevicesConfig,
     "compress": CompressConfig,
+    "privacy": PrivacyConfig,
+    "attack": AttackConfig,
 }
 
 

@@ -117,6 +117,21 @@ def test_flower_simulation_equals_the_local_executor(tmp_path: Path) -> None:
     assert 1 <= len(pids) <= 2 and os.getpid() not in pids
 
 
+def test_flower_simulation_rejects_a_nan_update(tmp_path: Path) -> None:
+    """A node whose client sends NaN (attack.kind = "nan", in the node's own process): the
+    server rejects it with its reason and aggregates the rest, as the local executor does."""
+    bad = 0  # of the two clients, both in every round
+    nan = ["attack.kind=nan", f"attack.clients=[{bad}]"]
+    local = run(tiny(tmp_path, "run.name=local", *nan), plots=False)
+    simulated = run(
+        tiny(tmp_path, "run.name=sim", "run.executor=flower", "run.workers=2", *nan), plots=False
+    )
+    assert_same_as_local(local, simulated, rounds=2)
+    rejected = [c for c in read_rows(simulated / "clients.jsonl") if "rejected" in c]
+    assert [(c["round"], c["client_id"]) for c in rejected] == [(1, bad), (2, bad)]
+    assert "values are not finite" in rejected[0]["rejected"]
+
+
 def _ours(home: Path) -> list[psutil.Process]:
     """Live processes started with FLWR_HOME = ``home`` (SuperLink, SuperNodes, their
     SuperExecs and app processes)."""

@@ -27,6 +27,7 @@ import torch
 from fedfit.cli import _executor_changes, main, parser
 from fedfit.config import load_config
 from fedfit.engine.experiment import run
+from fedfit.engine.server import sample_clients
 from fedfit.errors import ConfigError
 
 ray = pytest.importorskip("ray")
@@ -191,8 +192,13 @@ def test_local_ray_instance_matches_local_executor(tmp_path: Path, head: Head) -
 
 def test_existing_cluster_matches_local_executor(tmp_path: Path, head: Head) -> None:
     address = head.address
+    bad = ",".join(str(sample_clients(0, r, list(range(12)), 3)[0]) for r in (1, 2))
     extra = {"lora": ["method.name=lora"], "fedkseed": ["method.name=fedkseed",
-                                                        "method.num_seeds=64"]}  # fmt: skip
+                                                        "method.num_seeds=64"],
+             # clients that send NaN or crash, on the actors: rejected, the rounds go on
+             "nan": ["method.name=fedavg", "attack.kind=nan", f"attack.clients=[{bad}]"],
+             "error": ["method.name=fedavg", "attack.kind=error", f"attack.clients=[{bad}]"],
+             }  # fmt: skip
     with RayPool(workers=2, threads=1, address=address) as pool:
         for name, method in extra.items():
             on_ray = tiny(tmp_path, f"run.name={name}-ray", "run.executor=ray",
@@ -200,5 +206,7 @@ def test_existing_cluster_matches_local_executor(tmp_path: Path, head: Head) -> 
             remote = run(on_ray, plots=False, pool=pool)
             local = run(tiny(tmp_path, f"run.name={name}-local", *method), plots=False)
             assert_same_run(local, remote)
+            if name in ("nan", "error"):
+                assert sum("rejected" in c for c in rows(remote / "clients.jsonl")) == 2
     assert not ray.is_initialized()
     assert head.proc.poll() is None  # the cluster is left running: it is not ours to stop

@@ -26,6 +26,7 @@ from fedfit.costs.spec import TrainSpec
 from fedfit.data import collate
 from fedfit.payload import Payload
 from fedfit.planning import CostContext, Plan, check
+from fedfit.privacy import dp_mean, noise_seed
 from fedfit.robust import combine
 from fedfit.robust import weighted_mean as weighted_mean
 
@@ -178,7 +179,21 @@ class Algorithm:
     ) -> dict[str, torch.Tensor]:
         """The round's uploads of tensors combined by ``server.aggregation`` (the weighted
         mean by default; fedfit/robust.py); ``gradients``: they are gradients, not weights
-        of ``state.params`` (what ``server.clip_norm`` clips is then the upload itself)."""
+        of ``state.params`` (what ``server.clip_norm`` clips is then the upload itself). With
+        ``[privacy]`` on, DP-FedAvg's noisy clipped mean instead (fedfit/privacy.py)."""
+        privacy = self.config.privacy
+        if privacy.enabled:  # DP-FedAvg (fedfit/privacy.py): clipped, equal-weight, noised
+            return dp_mean(
+                payloads,
+                state.params,
+                gradients=gradients,
+                clip_norm=privacy.clip_norm,
+                noise_multiplier=privacy.noise_multiplier,
+                sampled=self.config.data.clients_per_round,
+                generator=torch.Generator().manual_seed(
+                    noise_seed(self.config.run.seed, state.round + 1)
+                ),
+            )
         server = self.config.server
         return combine(
             payloads,

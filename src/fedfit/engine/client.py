@@ -26,6 +26,7 @@ from fedfit.algorithms.base import (
     ServerState,
     Update,
 )
+from fedfit.attack import Attack
 from fedfit.config import Config
 from fedfit.engine.channel import Channel
 from fedfit.engine.meter import CostMeter
@@ -54,15 +55,20 @@ def run_client(
     channel: Channel,
     ctx: ClientContext,
     meter: CostMeter,
+    attack: Attack | None = None,
 ) -> ClientResult:
     """Client side of one client's round, on whichever process holds ``model``:
     ``client_update`` measured by ``meter``, then the upload through the channel (the update's
-    payload becomes what the server receives). Every executor runs every client through this."""
+    payload becomes what the server receives). Every executor runs every client through this.
+    A simulated attacker (``attack``, fedfit/attack.py) corrupts its update before the upload."""
     meter.start_client()
     t0 = time.perf_counter()
     error = None
+    attacks = attack is not None and task.client_id in attack
     try:
         update = algorithm.client_update(model, task, shard, ctx)
+        if attack is not None and attacks:
+            update = attack.corrupt(update, task, algorithm.payload_kind)
     except Exception as err:  # a failing device drops out of the round; the run goes on
         error = f"{type(err).__name__}: {err}"
         update = Update(task.client_id, {}, 0, {})
@@ -79,6 +85,8 @@ def run_client(
         "memory": memory,
         "wall_s": round(wall, 4),
     }
+    if attack is not None and attacks:
+        row["attack"] = attack.kind
     if error is not None:
         row["error"] = error
     return ClientResult(update, row)
@@ -97,6 +105,7 @@ def run_tasks(
             setup.channel,
             ctx,
             meter,
+            setup.attack,
         )
         for task in tasks
     ]

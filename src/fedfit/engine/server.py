@@ -43,6 +43,7 @@ from fedfit.engine.validation import non_finite, rejection
 from fedfit.errors import RunStopped
 from fedfit.log import log
 from fedfit.planning import Plan
+from fedfit.privacy import epsilon_spent
 
 ProgressFn = Callable[[int, int, dict[str, Any] | None], None]
 
@@ -271,6 +272,13 @@ class Server:
             opened = self.open_round(round_)
             self.close_round(opened, run_clients(self.state, opened.clients, opened.tasks))
 
+    def privacy_spent(self, rounds: int) -> dict[str, float]:
+        """The (epsilon, delta) of ``rounds`` rounds of DP-FedAvg (fedfit/privacy.py), by
+        opacus's accountant at sampling rate clients_per_round / eligible clients."""
+        privacy = self.setup.config.privacy
+        rate = self.setup.config.data.clients_per_round / len(self.setup.eligible)
+        return {"epsilon": epsilon_spent(privacy, rate, rounds), "delta": privacy.delta}
+
     def assigned(self, client_id: int) -> dict[str, Any]:
         """The planner's assignment of a client: tier, trained part, budget, prediction."""
         population = self.setup.population
@@ -297,6 +305,8 @@ class Server:
                 )
             eval_s = time.perf_counter() - t1
         self.wall += train_s + eval_s
+        if config.privacy.enabled:
+            row["privacy"] = self.privacy_spent(round_)
         for k in CUMULATIVE:
             self.cum[k] += row[k]
             row[f"cum_{k}"] = self.cum[k]
@@ -390,6 +400,8 @@ def summarize(
         "majority_baseline": majority_baseline(setup.test),
         "prior_loss": setup.prior_loss,
         "head_init": cfg.model.head_init,
+        "privacy": rounds[-1].get("privacy") if rounds else None,
+        "attackers": sorted(setup.attack.clients) if setup.attack else [],
         "labels": list(setup.dataset.label_names) if not lm else None,
         "wall_s": round(wall_s, 2),
         "num_clients": cfg.data.num_clients,

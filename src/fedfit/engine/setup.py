@@ -14,6 +14,7 @@ import torch
 
 from fedfit.algorithms import make_algorithm
 from fedfit.algorithms.base import Algorithm, ClientData, client_steps
+from fedfit.attack import Attack, make_attack
 from fedfit.config import Config
 from fedfit.data import TextDataset, load_configured, partition, tokenize
 from fedfit.devices import Population, build_population
@@ -23,6 +24,7 @@ from fedfit.errors import ConfigError
 from fedfit.log import log
 from fedfit.models import get_model_info, load_model
 from fedfit.planning import CostContext, Plan, exclusions
+from fedfit.privacy import check_supported
 
 
 @dataclass
@@ -41,6 +43,8 @@ class RunSetup:
     channel: Channel  # serialisation and optional quantisation of what crosses the network
     # Held-out cross-entropy of predicting the training class frequencies (None for LM).
     prior_loss: float | None = None
+    # The simulated attackers ([attack], fedfit/attack.py); None when no client attacks.
+    attack: Attack | None = None
 
     @property
     def eligible(self) -> list[int]:
@@ -165,6 +169,13 @@ def build(config: Config) -> RunSetup:
             f"of {config.method.name} within their budget"
         )
     check_head_init(config, model, plans, algorithm)
+    eligible = len(plans) - len(excluded)
+    if config.privacy.enabled and eligible < config.data.clients_per_round:
+        raise ConfigError(
+            f"privacy.noise_multiplier: {eligible} clients fit their budget, fewer than "
+            f"data.clients_per_round = {config.data.clients_per_round}, the fixed number of "
+            "clients DP-FedAvg divides by; lower data.clients_per_round"
+        )
     prior = None
     if not lm and test.labels is not None:
         from fedfit.engine.head_init import prior_loss
@@ -185,6 +196,7 @@ def build(config: Config) -> RunSetup:
         excluded,
         channel,
         prior,
+        make_attack(config.attack, config.data.num_clients, config.run.seed),
     )
 
 
@@ -233,6 +245,13 @@ def make_channel(config: Config) -> Channel:
             "scalars, which its own aggregate combines; robust aggregation and clipping apply "
             "to uploads of tensors (weights, gradients)"
         )
+    check_supported(
+        config.privacy,
+        method=config.method.name,
+        payload_kind=kind,
+        aggregation=server.aggregation,
+        head_init=config.model.head_init,
+    )
     return Channel(config.compress, kind, config.method.name, config.run.seed)
 
 
