@@ -13,6 +13,10 @@ new weights minus the global weights) and applies, per tensor:
 
 As in Algorithm 2 of the paper there is no bias correction, and v starts at tau^2
 (the paper asks v_{-1} >= tau^2); m starts at 0.
+
+``secure_aggregation = "secaggplus"`` (Flower deployments and the Flower executor only) has
+the server receive only the sum of the clients' uploads, through Flower's SecAgg+ protocol;
+its ``secagg_*`` keys are Flower's own parameters (docs/secure-aggregation.md).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from fedfit.errors import check, check_choice
 from fedfit.robust import AGGREGATIONS
 
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi", "fedadagrad")
+SECURE_AGGREGATION = ("none", "secaggplus")
+SECAGG_MODULUS = 2**32  # Flower's modulus_range: masked sums are taken modulo it
 
 Tensors = dict[str, torch.Tensor]
 
@@ -52,6 +58,24 @@ class ServerConfig:
     clip_norm: float = field(
         default=0.0, metadata={"help": "clip each client's change to this L2 norm; 0 = off"}
     )
+    secure_aggregation: str = field(
+        default="none",
+        metadata={"help": "none | secaggplus: the server sees only the sum (Flower's SecAgg+)"},
+    )
+    secagg_num_shares: float = field(
+        default=3,
+        metadata={"help": "SecAgg+: key shares per client, a count > 2 or a fraction <= 1"},
+    )
+    secagg_reconstruction_threshold: float = field(
+        default=2,
+        metadata={"help": "SecAgg+: shares that rebuild a key, a count or a fraction <= 1"},
+    )
+    secagg_clipping_range: float = field(
+        default=8.0, metadata={"help": "SecAgg+: each uploaded change clipped to +-this"}
+    )
+    secagg_quantization_range: int = field(
+        default=2**22, metadata={"help": "SecAgg+: integer levels over the clipping range"}
+    )
 
     def __post_init__(self) -> None:
         check_choice(self.optimizer, "server.optimizer", SERVER_OPTIMIZERS)
@@ -63,6 +87,29 @@ class ServerConfig:
         check(0 <= self.trim < 0.5, "server.trim", "must be in [0, 0.5)")
         check(self.krum_f >= 0, "server.krum_f", "must be >= 0")
         check(self.clip_norm >= 0, "server.clip_norm", "must be >= 0 (0 = off)")
+        check_choice(self.secure_aggregation, "server.secure_aggregation", SECURE_AGGREGATION)
+        shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
+        check(
+            0 < shares <= 1 or (shares == int(shares) and shares > 2),
+            "server.secagg_num_shares",
+            "must be a count > 2 or a fraction of the round's clients in (0, 1]",
+        )
+        check(
+            0 < threshold <= 1 or threshold == int(threshold),
+            "server.secagg_reconstruction_threshold",
+            "must be a count >= 2 or a fraction of the shares in (0, 1]",
+        )
+        check(
+            threshold <= 1 or shares <= 1 or threshold < shares,
+            "server.secagg_reconstruction_threshold",
+            f"must be < server.secagg_num_shares ({shares:g})",
+        )
+        check(self.secagg_clipping_range > 0, "server.secagg_clipping_range", "must be > 0")
+        check(
+            1 < self.secagg_quantization_range < SECAGG_MODULUS,
+            "server.secagg_quantization_range",
+            f"must be in (1, {SECAGG_MODULUS}) (Flower's modulus)",
+        )
 
 
 def server_step(

@@ -15,6 +15,7 @@ from fedfit.config import Config
 from fedfit.engine.executors import make_executor
 from fedfit.engine.executors.base import Job
 from fedfit.engine.runfolder import RunFolder
+from fedfit.errors import ConfigError
 
 if TYPE_CHECKING:
     from fedfit.engine.executors.ray import RayPool
@@ -42,6 +43,13 @@ def run(
     RayPool matching the config, reused across runs), else on a pool opened for this run and
     closed at its end.
     """
+    if config.server.secure_aggregation != "none" and config.run.executor != "flower":
+        # a deployment (fedfit flower local / app) runs server_main, not this
+        raise ConfigError(
+            f"server.secure_aggregation = {config.server.secure_aggregation!r} runs through "
+            "Flower's SecAgg+: use run.executor = 'flower' or a deployment (fedfit flower "
+            f"local / app); run.executor = {config.run.executor!r} would aggregate in the clear"
+        )
     if pool is not None and config.run.executor != "ray":
         raise ValueError(f'a Ray pool was given but run.executor is "{config.run.executor}"')
     options = {"pool": pool} if pool is not None else {}

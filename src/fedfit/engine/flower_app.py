@@ -4,7 +4,11 @@ pyproject.toml written by ``fedfit flower app`` names ``fedfit.engine.flower_app
 and ``:clientapp``. Flower 1.41 starts a fresh process for every message a SuperNode gets,
 so this module imports only Flower: a node answers the ServerApp's QUERY (which fedfit
 client's data it holds) without loading torch or the model; a TRAIN message loads
-engine/executors/flower.py and, through it, fedfit's client side.
+engine/executors/flower.py and, through it, fedfit's client side. With
+``server.secure_aggregation = "secaggplus"`` the train handler runs inside Flower's
+``secaggplus_mod`` (``flower_context.secure_aggregation_mod``, which reads the run config):
+the mod answers the protocol's key-exchange and unmasking stages alone, without loading
+torch either.
 """
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ from flwr.app import Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
-from fedfit.engine.flower_context import answer_query, run_config_text  # noqa: E402
+from fedfit.engine.flower_context import (  # noqa: E402
+    answer_query,
+    run_config_text,
+    secure_aggregation_mod,
+)
 
 clientapp = ClientApp()
 
@@ -27,7 +35,7 @@ def query(message: Message, context: Context) -> Message:
     return answer_query(message, context)
 
 
-@clientapp.train()
+@clientapp.train(mods=[secure_aggregation_mod()])
 def train(message: Message, context: Context) -> Message:
     from fedfit.engine.executors.flower import train_client
 

@@ -1,16 +1,20 @@
 """What a Flower node knows of its fedfit run: the partition it holds and the run's config.
 
 Imports only Flower: a deployed node answers the ServerApp's QUERY with it without loading
-torch (engine/flower_app.py); the executor (engine/executors/flower.py) uses it too.
+torch (engine/flower_app.py), and runs the key-exchange stages of secure aggregation
+(``secure_aggregation_mod``) the same way; the executor (engine/executors/flower.py) uses it
+too.
 """
 
 from __future__ import annotations
 
 import os
+import tomllib
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # read when flwr is imported
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.clientapp.typing import ClientAppCallable, Mod  # noqa: E402
 
 CONFIG_KEY = "fedfit-config"  # the run config key holding the fedfit config (TOML text)
 
@@ -38,3 +42,31 @@ def run_config_text(context: Context) -> str:
             "`fedfit flower app CONFIG --dir DIR` (fedfit.engine.executors.flower.write_app)"
         )
     return text
+
+
+def secure_aggregation(config_text: str) -> str:
+    """The ``server.secure_aggregation`` of a fedfit config (TOML text), read with tomllib
+    alone: a deployed node's key-exchange stages do not load fedfit's config (or torch)."""
+    server = tomllib.loads(config_text).get("server", {})
+    return str(server.get("secure_aggregation", "none"))
+
+
+def secure_aggregation_mod(config_text: str | None = None) -> Mod:
+    """The train mod of fedfit's ClientApp: Flower's ``secaggplus_mod`` when the run's fedfit
+    config (``config_text``, or when None the run config's, as in a deployment) asks for
+    SecAgg+, else the handler directly. Under it, the mod answers the protocol's stages
+    itself and calls the train handler only for the stage that uploads the masked vector; a
+    TRAIN message outside the protocol is refused. The node decides from the run's config,
+    not from what a message says, so a server cannot have it upload in the clear."""
+
+    def mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if message.metadata.message_type != MessageType.TRAIN:
+            return call_next(message, context)
+        text = config_text if config_text is not None else run_config_text(context)
+        if secure_aggregation(text) == "secaggplus":
+            from flwr.client.mod import secaggplus_mod
+
+            return secaggplus_mod(message, context, call_next)
+        return call_next(message, context)
+
+    return mod
