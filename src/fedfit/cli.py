@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -15,6 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from fedfit.engine.executors import executor_names
+from fedfit.errors import ConfigError
 
 console = Console(stderr=True)
 
@@ -30,7 +33,6 @@ def _metric(ev: dict[str, Any] | None) -> str | None:
 def _progress_lines(label: str) -> tuple[Any, Any]:
     """Progress when stderr is not a terminal (a pipe, a log file, CI): one line per round
     with the evaluation when there is one, the elapsed time and an ETA."""
-    import contextlib
     import time
 
     t0 = time.perf_counter()
@@ -148,11 +150,15 @@ def _executor_changes(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     from fedfit.config import load_config
     from fedfit.engine.experiment import resume_run, run
+    from fedfit.engine.runfolder import RunFolder
 
     changes = _executor_changes(args)
     if args.resume:
         if args.config or args.set:
             raise SystemExit("--resume takes the run folder's own config; drop CONFIG and --set")
+        args.run_dir = Path(args.resume)
+        if args.run_dir.is_dir():  # a missing folder is resume_run's own error
+            _check_writable(args.run_dir, "--resume", make=False)
         bar, update = _progress_bar(f"resume {Path(args.resume).name}")
         with bar:
             run_dir = resume_run(args.resume, changes, progress=update)
@@ -160,6 +166,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.set)
         if changes:
             config = dataclasses.replace(config, run=dataclasses.replace(config.run, **changes))
+        args.run_dir = RunFolder.of(config).path
+        _check_writable(args.run_dir, "run.output_dir")
         bar, update = _progress_bar(f"{config.method.name} on {config.data.name}")
         with bar:
             run_dir = run(config, overwrite=args.overwrite, progress=update)
@@ -174,11 +182,46 @@ def _central(config_path: str | Path | None, overrides: Sequence[str], overwrite
     from fedfit.engine.central import run_central
 
     config = load_config(config_path, overrides)
+    # run_central writes the sibling folder NAME-central
+    run_dir = Path(config.run.output_dir) / f"{config.run.name}-central"
+    _check_writable(run_dir, "run.output_dir")
     bar, update = _progress_bar(f"central {config.method.name} on {config.data.name}")
     with bar:
         run_dir = run_central(config, overwrite=overwrite, progress=update)
     _final_line(run_dir)
     return 0
+
+
+def _check_writable(folder: Path, key: str, make: bool = True) -> None:
+    """A ConfigError naming ``key`` and the path now, rather than an OSError traceback once
+    the run has loaded everything: ``folder`` is made (as the run would make it, unless
+    ``make`` is False) and a scratch file is created in it and removed. (A full disk usually
+    still lets a small file be created: that case is the OSError handler of :func:`main`.)"""
+    import tempfile
+
+    try:
+        if make:
+            folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        elsewhere = (
+            "write elsewhere with --set run.output_dir=PATH"
+            if make
+            else "copy the folder somewhere writable and resume the copy"
+        )
+        reason = _os_reason(err, with_path=err.filename != str(folder))
+        raise ConfigError(
+            f"{key}: cannot write the run folder {folder} ({reason}); make it writable, or "
+            f"{elsewhere}"
+        ) from err
+
+
+def _os_reason(err: OSError, with_path: bool = True) -> str:
+    """``Permission denied [EACCES] at /the/path``: the errno text, its name and the path."""
+    name = errno.errorcode.get(err.errno or -1)
+    text = f"{err.strerror or err}" + (f" [{name}]" if name else "")
+    return text + (f" at {err.filename}" if err.filename and with_path else "")
 
 
 def cmd_central(args: argparse.Namespace) -> int:
@@ -487,6 +530,8 @@ def cmd_flower(args: argparse.Namespace) -> int:
             f'  address = "127.0.0.1:{port}"\n  insecure = true'
         )
         return 0
+    args.run_dir = Path(config.run.output_dir).expanduser().resolve() / config.run.name
+    _check_writable(args.run_dir, "run.output_dir")
     run_dir = deploy_local(config, args.dir, overwrite=args.overwrite)
     _final_line(run_dir)
     return 0
@@ -504,8 +549,67 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 
+def _error(label: str, text: str) -> None:
+    """One line on stderr: the message is escaped (a ``[run]`` in it is text, not markup)
+    and not wrapped at the terminal's width."""
+    from rich.markup import escape
+
+    console.print(f"[bold red]{label}:[/] {escape(text)}", soft_wrap=True, highlight=False)
+
+
+# errno values that mean "not allowed to write there": the user can fix them (exit 2); any
+# other OSError (a full disk, an I/O error) stopped a run that had started (exit 1).
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # a full disk, a full quota
+
+
+def _os_error_text(err: OSError, run_dir: Path | None) -> str:
+    """What failed, where, and what to do. A failed write to an open file carries no file
+    name, so the run folder stands for it; a full disk keeps the rounds already written."""
+    where = err.filename or run_dir or "a file"
+    text = f"{where}: {_os_reason(err, with_path=False)}"
+    if err.errno in _FULL:
+        text += (
+            "; free some space, or move run.output_dir (or fedfit's cache, $FEDFIT_CACHE) "
+            "to another disk"
+        )
+    elif err.errno in _DENIED:
+        text += "; check that path's permissions (runs go elsewhere with --set run.output_dir=PATH)"
+    if run_dir is not None and (run_dir / "checkpoint.pt").is_file():
+        text += (
+            f"; the rounds finished so far are kept in {run_dir}: continue with "
+            f"fedfit run --resume {run_dir}"
+        )
+    return text
+
+
+def _write_traceback(err: BaseException, run_dir: Path | None) -> Path | None:
+    """The full traceback of an unexpected error, in ``run_dir/traceback.txt`` when the run
+    folder was made, else in a new temporary file; None when neither can be written."""
+    import tempfile
+    import traceback
+
+    text = "".join(traceback.format_exception(err))
+    if run_dir is not None and (run_dir / "config.toml").is_file():
+        with contextlib.suppress(OSError):
+            (run_dir / "traceback.txt").write_text(text)
+            return run_dir / "traceback.txt"
+    try:
+        fd, name = tempfile.mkstemp(prefix="fedfit-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except OSError:
+        return None
+    return Path(name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from fedfit.errors import ConfigError, RunStopped
+    """The ``fedfit`` command. Exit codes: 0 done; 2 a named error the user can fix (config,
+    data, files, a missing package), one line naming the key or path; 1 a run that had to stop
+    (diverged, disk full: its folder is kept) or an unexpected error, whose one line names the
+    file holding the full traceback. ``FEDFIT_DEBUG=1`` lets every exception through."""
+    from fedfit.errors import DatasetNotAvailable, RunStopped
+    from fedfit.models import ModelNotAvailable
 
     args = parser().parse_args(argv)
     _quiet_libraries()
@@ -513,11 +617,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     try:
         return int(args.func(args))
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
-        console.print(f"[bold red]error:[/] {err}")
+    except (
+        ConfigError,
+        DatasetNotAvailable,
+        ModelNotAvailable,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+    ) as err:
+        _error("error", str(err))
         return 2
     except RunStopped as err:
-        console.print(f"[bold red]run stopped:[/] {err}")
+        _error("run stopped", str(err))
+        return 1
+    except OSError as err:
+        run_dir = getattr(args, "run_dir", None)
+        _error("error", _os_error_text(err, run_dir))
+        return 2 if err.errno in _DENIED else 1
+    except Exception as err:
+        where = _write_traceback(err, getattr(args, "run_dir", None))
+        shown = f"full traceback in {where}" if where else "FEDFIT_DEBUG=1 shows the traceback"
+        _error("internal error", f"{type(err).__name__}: {err} ({shown}; please report it)")
         return 1
 
 

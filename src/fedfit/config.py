@@ -260,6 +260,8 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
             raw = tomllib.loads(path.read_text())
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not a UTF-8 text file ({err})") from err
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML: {err}") from err
     return from_dict(apply_overrides(raw, overrides))

@@ -10,7 +10,8 @@ tokenisation do not know where the texts came from.
   per line; a JSON array is refused with that advice), ``.parquet`` / ``.pq`` (pyarrow), a
   folder written by ``datasets.Dataset.save_to_disk`` (``hf_disk``; a ``DatasetDict``
   folder is refused with the split folders to point at instead). CSV and JSONL must be
-  UTF-8 (a BOM is allowed).
+  UTF-8 (a BOM is allowed); a binary file (gzip, zip, Parquet, an image, NUL bytes, UTF-16)
+  or a CSV whose header row is not UTF-8 is refused as "not a text CSV / JSON Lines file".
 - Columns: ``text_column``; ``label_column`` for classification; ``client_column`` for
   one client per distinct id (the natural partition). Label and client values are
   stripped of surrounding spaces; texts are kept byte for byte (a text of only whitespace
@@ -18,7 +19,12 @@ tokenisation do not know where the texts came from.
 - Labels: integers (or strings that all read as integers, as every CSV value is a string)
   keep their numeric order; otherwise the sorted strings. ``label_names`` are those values
   as strings (the ``ClassLabel`` names for an ``hf_disk`` label feature; -1 there is
-  "no label"). Class ids are positions in that order.
+  "no label"). Class ids are positions in that order. A label or client id that is empty,
+  a float NaN, or one of the strings ``NaN``, ``-NaN``, ``null``, ``<NA>``, ``N/A``,
+  ``#N/A`` (any case: pandas' and SQL's ways of writing "no value") is missing, never a
+  class or a client of its own: its row is a bad row (below; with ``bad_rows = "skip"``
+  dropped, and the count logged). ``None`` and ``NA`` stay values: they can be real class
+  names.
 - Held-out set: ``test_path`` when given (its labels must all occur in training: a typo
   there would otherwise become a class of its own); else ``round(test_fraction * n)`` rows
   (at least 1) chosen uniformly with a generator seeded by the run seed (not stratified;
@@ -73,10 +79,28 @@ _SUFFIXES = {
 # Bytes that are not UTF-8 survive decoding with "surrogateescape" as U+DC80..U+DCFF: that is
 # how a row holding them is found after parsing.
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
-_INTEGER = re.compile(r"[+-]?\d+")
+# An integer label; at most 18 digits, so int() never meets Python's 4300-digit limit and a
+# longer digit string is a string label.
+_INTEGER = re.compile(r"[+-]?\d{1,18}")
 # A seed stream of its own, so the held-out split is not the partitioner's permutation.
 _SPLIT_STREAM = 0x7E57
 _SHOWN_PLACES = 5
+# How binary files a user may point data.path at by mistake begin.
+_MAGIC = (
+    (b"\x1f\x8b", "gzip-compressed: decompress it first"),
+    (b"PK\x03\x04", "a zip archive, or an .xlsx workbook: extract it or export it as CSV"),
+    *((b"BZh%d1AY&SY" % level, "bzip2-compressed: decompress it first") for level in range(1, 10)),
+    (b"\xfd7zXZ\x00", "xz-compressed: decompress it first"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed: decompress it first"),
+    (b"PAR1", 'a Parquet file: name it .parquet or set data.format = "parquet"'),
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"%PDF-", "a PDF document"),
+)
+# Label and client-id strings that mean "no value" (pandas' NaN and None written out as
+# text, SQL's NULL): a missing value, never a class or a client of its own. "none" and
+# "na" are not among them: they can be real class names.
+_MISSING = frozenset({"nan", "-nan", "null", "<na>", "n/a", "#n/a"})
 
 
 def _log(message: str) -> None:
@@ -168,13 +192,30 @@ def _require_columns(path: Path, available: Sequence[str], wanted: dict[str, str
 # ------------------------------------------------------------------------------------ readers
 
 
-def _decode(path: Path) -> tuple[str, str]:
+def _refuse_binary(path: Path, data: bytes, fmt: str) -> None:
+    """A DataError when ``data`` is plainly not a text file: it starts like a known binary
+    format (an archive, an image, a Parquet file), as UTF-16, or holds a NUL byte in its
+    first 8 KiB (no text CSV or JSONL has one). Undecodable bytes further in stay a
+    per-row problem (``bad_rows``)."""
+    head = data[:8192]
+    kind = next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+    if kind is None and head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        kind = "UTF-16 text; save it as UTF-8"
+    if kind is None and b"\0" in head:
+        kind = "a binary file: it holds NUL bytes"
+    if kind is not None:
+        raise DataError(f"{path}: not a text {fmt} file (it is {kind})")
+
+
+def _decode(path: Path, fmt: str) -> tuple[str, str]:
     """The file's text and a description of its first non-UTF-8 byte ("" if none).
 
-    Bad bytes are kept as escapes (``surrogateescape``) so that parsing goes on and the rows
-    holding them can be found and, with ``bad_rows = "skip"``, dropped one by one.
+    A binary file is refused first (:func:`_refuse_binary`). Bad bytes are kept as escapes
+    (``surrogateescape``) so that parsing goes on and the rows holding them can be found
+    and, with ``bad_rows = "skip"``, dropped one by one.
     """
     data = path.read_bytes()
+    _refuse_binary(path, data, fmt)
     bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
         return data[bom:].decode("utf-8"), ""
@@ -198,7 +239,7 @@ def _large_csv_fields() -> Iterator[None]:
 
 def read_csv(path: Path, wanted: dict[str, str]) -> RawTable:
     """A CSV (TSV for ``.tsv``) with a header row; missing trailing fields read as None."""
-    text, bad_bytes = _decode(path)
+    text, bad_bytes = _decode(path, "CSV")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     values: dict[str, list[Any]] = {column: [] for column in wanted.values()}
@@ -210,6 +251,11 @@ def read_csv(path: Path, wanted: dict[str, str]) -> RawTable:
             if header is None:
                 raise DataError(f"{path}: empty file: no header row and no rows")
             header = [name.strip() for name in header]
+            if bad_bytes and any(_ESCAPED_BYTE.search(name) for name in header):
+                raise DataError(
+                    f"{path}: not a text CSV file: its header row is not UTF-8 text (first: "
+                    f"{bad_bytes}); save the file as UTF-8"
+                )
             _require_columns(path, header, wanted)
             positions = {column: header.index(column) for column in values}
             start = reader.line_num + 1
@@ -232,7 +278,7 @@ def read_csv(path: Path, wanted: dict[str, str]) -> RawTable:
 
 def read_jsonl(path: Path, wanted: dict[str, str]) -> RawTable:
     """JSON Lines: one object per line; blank lines are ignored; a key missing reads as None."""
-    text, bad_bytes = _decode(path)
+    text, bad_bytes = _decode(path, "JSON Lines")
     if text.lstrip().startswith("["):
         raise DataError(
             f"{path}: holds a JSON array; fedfit reads JSON Lines (one object per line), "
@@ -252,7 +298,8 @@ def read_jsonl(path: Path, wanted: dict[str, str]) -> RawTable:
         else:
             try:
                 parsed = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
+                # JSONDecodeError, an integer past Python's 4300-digit limit, deep nesting
                 parsed = None
             if isinstance(parsed, dict):
                 record = parsed
@@ -350,7 +397,8 @@ def _text(value: Any, table: RawTable, i: int, column: str) -> str | None:
 
 
 def _label_key(value: Any, table: RawTable, i: int, column: str) -> int | str | None:
-    """A label as an int or a stripped string; None when it is missing."""
+    """A label as an int or a stripped string; None when it is missing (None, NaN, "",
+    or a string of :data:`_MISSING` such as "NaN" or "null", in any case)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if isinstance(value, bytes):
@@ -364,7 +412,8 @@ def _label_key(value: Any, table: RawTable, i: int, column: str) -> int | str | 
     if isinstance(value, float) and value.is_integer():
         return int(value)  # a pandas int column with gaps comes back as floats
     if isinstance(value, str):
-        return value.strip() or None
+        value = value.strip()
+        return None if not value or value.lower() in _MISSING else value
     raise DataError(
         f"{table.path} {table.places[i]}: column {column!r} holds {value!r} "
         f"({type(value).__name__}); a label is a string or an integer"
@@ -376,7 +425,8 @@ def _client_id(value: Any) -> str | None:
         return None
     if isinstance(value, bytes):
         value = value.decode("utf-8", errors="replace")
-    return str(value).strip() or None
+    value = str(value).strip()
+    return None if not value or value.lower() in _MISSING else value
 
 
 _DESCRIBE = {

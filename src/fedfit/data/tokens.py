@@ -13,6 +13,14 @@ token, e.g. " great" after "Tweet:"). Only the tokenizer's LEADING special token
 it. A filled template longer than ``max_length`` loses the end of its TEXT: it becomes
 ``specials + tokens(head + text)[:room] + tokens(tail)``, the template's tail tokenised alone,
 so the last position is always the template's end.
+
+Before the tokenizer sees it, each text is cut to its first ``CHARS_PER_TOKEN * max_length``
+characters (:func:`cut_texts`; 32 x 64 = 2,048 for the default length): truncation keeps only
+the first ``max_length`` tokens anyway, and a 10 MB row must not be tokenised whole to find
+them. A token spans at least one character (WordPiece and byte-level BPE alike), so the cut
+changes a text's ids only when its first ``max_length`` tokens take more than 32 characters
+each on average (runs of whitespace or characters the tokenizer drops). The cache key is
+taken over the cut texts: a text within the bound has the key it always had.
 """
 
 from __future__ import annotations
@@ -32,6 +40,15 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100  # what torch's cross-entropy skips: padding in LM labels
 _BATCH = 4096  # texts per call of the fast tokenizer: large enough for its Rust threads
+CHARS_PER_TOKEN = 32  # a text is cut to this many characters per token of max_length
+
+
+def cut_texts(texts: Sequence[str], max_length: int) -> list[str]:
+    """Each text cut to its first ``CHARS_PER_TOKEN * max_length`` characters (module
+    docstring): what truncation to ``max_length`` tokens can reach, without tokenising all
+    of a long text."""
+    limit = CHARS_PER_TOKEN * max_length
+    return [text if len(text) <= limit else text[:limit] for text in texts]
 
 
 def texts_digest(texts: Sequence[str]) -> str:
@@ -46,13 +63,13 @@ def texts_digest(texts: Sequence[str]) -> str:
 
 def cache_key(texts: Sequence[str], tokenizer: Any, max_length: int, prompt: str = "") -> str:
     """Hash of what the ids depend on: tokenizer (name or path, vocabulary size, class),
-    ``max_length``, the prompt template (if any) and the texts."""
+    ``max_length``, the prompt template (if any) and the texts as cut by :func:`cut_texts`."""
     parts = [
         str(getattr(tokenizer, "name_or_path", "")),
         str(len(tokenizer)),
         type(tokenizer).__qualname__,
         str(max_length),
-        texts_digest(texts),
+        texts_digest(cut_texts(texts, max_length)),
     ]
     if prompt:  # appended only when set: unprompted keys stay those of earlier caches
         parts.append("prompt:" + texts_digest([prompt]))
@@ -161,16 +178,18 @@ def tokenize(
 ) -> list[np.ndarray]:
     """Unpadded int32 token ids of each text, truncated to ``max_length``, cached on disk.
 
-    With ``prompt`` (a template holding ``{text}`` once) each text is first put into the
-    template, and truncation cuts the text, never the template's end (module docstring).
-    The first call runs the (fast, batched) tokenizer and writes
-    ``cache_dir()/tokens/<key>.npz`` (key: :func:`cache_key`); later calls with the same
-    tokenizer, ``max_length``, prompt and texts only read that file.
+    Each text is first cut to ``CHARS_PER_TOKEN * max_length`` characters (:func:`cut_texts`),
+    so a huge row costs no more than a short one. With ``prompt`` (a template holding
+    ``{text}`` once) each (cut) text is then put into the template, and truncation cuts the
+    text, never the template's end (module docstring). The first call runs the (fast,
+    batched) tokenizer and writes ``cache_dir()/tokens/<key>.npz`` (key: :func:`cache_key`);
+    later calls with the same tokenizer, ``max_length``, prompt and texts only read that file.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     if prompt:
         split_prompt(prompt)  # a bad template fails even when a cache exists
+    texts = cut_texts(texts, max_length)
     path = cache_path(texts, tokenizer, max_length, prompt)
     if path.exists():
         return _load(path)

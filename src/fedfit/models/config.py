@@ -33,6 +33,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check(self.max_length >= 2, "model.max_length", "must be >= 2")
+        self._check_positions()
         check_choice(self.head_init, "model.head_init", HEAD_INITS)
         check(
             math.isfinite(self.head_init_scale) and self.head_init_scale > 0,
@@ -40,3 +41,16 @@ class ModelConfig:
             "must be a finite number > 0",
         )
         check(self.head_init_clients >= 0, "model.head_init_clients", "must be >= 0 (0 = all)")
+
+    def _check_positions(self) -> None:
+        # A longer sequence has positions the model has no embedding for: an IndexError in
+        # every client's forward pass. Checked here, before any data or weights load.
+        from fedfit.models.zoo import max_positions
+
+        positions = max_positions(self.name)
+        check(
+            positions is None or self.max_length <= positions,
+            "model.max_length",
+            f"{self.max_length} is more than the {positions} positions of model {self.name!r} "
+            f"(max_position_embeddings in its config); set model.max_length <= {positions}",
+        )

@@ -9,6 +9,7 @@ clients (or two runs) with the same seed start from bitwise the same model.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,22 @@ def list_models() -> list[ModelInfo]:
 def get_model_info(name: str) -> ModelInfo:
     """The :class:`ModelInfo` of ``name``; ``ValueError`` listing the known names otherwise."""
     return _entry(name).info
+
+
+def max_positions(name: str) -> int | None:
+    """The model's ``max_position_embeddings`` without loading it: from the zoo's
+    architecture, or a local folder's config.json; None when ``name`` is neither (or the
+    file cannot be read), so that loading the model reports that problem itself."""
+    if name in _REGISTRY:
+        return int(_REGISTRY[name].arch["max_position_embeddings"])
+    if not checkpoints.is_path(name):
+        return None
+    config_file = Path(name).expanduser() / "config.json"
+    try:
+        value = json.loads(config_file.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _entry(name: str) -> _Entry:
