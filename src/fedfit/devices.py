@@ -31,9 +31,10 @@ from __future__ import annotations
 import csv
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,6 +69,8 @@ __all__ = [
 
 POPULATIONS = ("homogeneous", "tiers", "trace")
 RESOURCES = ("memory", "flops", "upload", "download")
+# How a device behaves rather than what it affords: simulated churn and stragglers.
+TRAITS = ("dropout", "speed", "bandwidth")
 
 # Shares must sum to 1 within this (so three tiers of 0.333333 are accepted).
 SHARE_TOLERANCE = 1e-6
@@ -125,9 +128,24 @@ class Budget:
     flops_per_round: int | None = None
     upload_bytes: int | None = None
     download_bytes: int | None = None
+    # simulated behaviour (TRAITS): the chance of dropping out of a round it was sampled
+    # for, and compute (FLOP/s) and link (bytes/s) speeds that set its round's duration
+    # against ``run.deadline_s``
+    dropout: float = 0.0
+    flops_per_s: int | None = None
+    bytes_per_s: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("memory_bytes", "flops_per_round", "upload_bytes", "download_bytes"):
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"Budget.dropout must be in [0, 1), got {self.dropout}")
+        for name in (
+            "memory_bytes",
+            "flops_per_round",
+            "upload_bytes",
+            "download_bytes",
+            "flops_per_s",
+            "bytes_per_s",
+        ):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise TypeError(f"Budget.{name} must be an int or None, got {value!r}")
@@ -170,6 +188,21 @@ class Budget:
 
     def __str__(self) -> str:
         return format_budget(self)
+
+    @classmethod
+    def of(cls, amounts: Sequence[int | None], **traits: Any) -> Budget:
+        """A budget from its four amounts in ``RESOURCES`` order, and behaviour fields."""
+        memory, flops, upload, download = amounts
+        return cls(memory, flops, upload, download, **traits)
+
+    def round_seconds(self, flops: int, transferred_bytes: int) -> float | None:
+        """The simulated duration of a round of ``flops`` and ``transferred_bytes`` (download
+        plus upload) on this device; None when it has neither speed."""
+        if self.flops_per_s is None and self.bytes_per_s is None:
+            return None
+        compute = flops / self.flops_per_s if self.flops_per_s else 0.0
+        transfer = transferred_bytes / self.bytes_per_s if self.bytes_per_s else 0.0
+        return compute + transfer
 
 
 def format_budget(budget: Budget) -> str:
@@ -236,6 +269,32 @@ def _resolve(text: str, resource: str, reference: Reference | None, where: str) 
     return round(fraction * reference.amount(resource))
 
 
+def _trait(text: str | float, trait: str) -> float | int | None:
+    """A behaviour value (``TRAITS``): ``dropout`` a probability in [0, 1), ``speed`` FLOP
+    per second, ``bandwidth`` bytes per second (units as for budgets); None when empty."""
+    if isinstance(text, str) and not text.strip():
+        return None
+    if trait == "dropout":
+        try:
+            p = float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a probability (e.g. 0.1)") from None
+        if not 0 <= p < 1:
+            raise ValueError(f"{text!r}: a dropout probability must be in [0, 1)")
+        return p
+    text = str(text)
+    value = parse_flops(text) if trait == "speed" else parse_bytes(text)
+    if value <= 0:
+        raise ValueError(f"{text!r}: a speed must be > 0")
+    return value
+
+
+def behaviour(texts: dict[str, Any]) -> dict[str, Any]:
+    """Budget's behaviour fields from the ``TRAITS`` texts (validated by the config)."""
+    dropout, speed, bandwidth = (_trait(texts[t], t) for t in TRAITS)
+    return {"dropout": dropout or 0.0, "flops_per_s": speed, "bytes_per_s": bandwidth}
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -269,6 +328,17 @@ class DevicesConfig:
         default=0.05,
         metadata={"help": "safety margin on predicted memory and FLOPs when fitting budgets"},
     )
+    dropout: float = field(
+        default=0.0, metadata={"help": "chance that a sampled device drops out of the round"}
+    )
+    speed: str = field(
+        default="",
+        metadata={"help": 'compute speed in FLOP per second, "5GFLOP"; "" = not simulated'},
+    )
+    bandwidth: str = field(
+        default="",
+        metadata={"help": 'link speed in bytes per second, "1MB"; "" = not simulated'},
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.margin < 1:
@@ -287,6 +357,11 @@ class DevicesConfig:
                     f"devices.{resource}: not used with population = 'trace' (the trace file "
                     "gives every budget); remove it"
                 )
+        for trait in TRAITS:
+            try:
+                _trait(getattr(self, trait), trait)
+            except ValueError as err:
+                raise ConfigError(f"devices.{trait}: {err}") from err
         if self.population == "tiers":
             _parse_tier_specs(self.tiers)  # raises ConfigError naming devices.tiers
         elif self.tiers:
@@ -301,7 +376,12 @@ class DevicesConfig:
         """True if the table or a tier uses a fraction (``"0.25x"``); a trace may too (not read)."""
         texts = [getattr(self, r) for r in RESOURCES]
         if self.population == "tiers":
-            texts += [t for spec in _parse_tier_specs(self.tiers) for t in spec.amounts.values()]
+            texts += [
+                t
+                for spec in _parse_tier_specs(self.tiers)
+                for r, t in spec.amounts.items()
+                if r in RESOURCES
+            ]
         return any(_parse_fraction(t) is not None for t in texts if t.strip())
 
 
@@ -331,10 +411,10 @@ def _parse_tier_specs(items: Sequence[str]) -> list[_TierSpec]:
         values: dict[str, str] = {}
         for pair in pairs:
             k, sep, v = pair.partition("=")
-            if not sep or k not in ("share", *RESOURCES):
+            if not sep or k not in ("share", *RESOURCES, *TRAITS):
                 raise ConfigError(
                     f"{key}: {pair!r} in {item!r}: expected key=value with key one of "
-                    f"share, {', '.join(RESOURCES)}"
+                    f"share, {', '.join((*RESOURCES, *TRAITS))}"
                 )
             if k in values:
                 raise ConfigError(f"{key}: {k!r} given twice in {item!r}")
@@ -349,7 +429,10 @@ def _parse_tier_specs(items: Sequence[str]) -> list[_TierSpec]:
             raise ConfigError(f"{key}: tier {name!r}: share must be in (0, 1], got {share}")
         for resource, text in values.items():
             try:
-                _check_amount(text, resource)
+                if resource in TRAITS:
+                    _trait(text, resource)
+                else:
+                    _check_amount(text, resource)
             except ValueError as err:
                 raise ConfigError(f"{key}: tier {name!r}: {resource}: {err}") from err
         specs.append(_TierSpec(name, share, values))
@@ -430,7 +513,11 @@ def resolve_tiers(cfg: DevicesConfig, reference: Reference | None) -> tuple[Tier
             r: f"devices.tiers[{i}] ({spec.name})" if r in spec.amounts else f"devices.{r}"
             for r in RESOURCES
         }
-        budget = Budget(*(_resolve(amounts[r], r, reference, where[r]) for r in RESOURCES))
+        traits = {r: spec.amounts.get(r, getattr(cfg, r)) for r in TRAITS}
+        budget = Budget.of(
+            [_resolve(amounts[r], r, reference, where[r]) for r in RESOURCES],
+            **behaviour(traits),
+        )
         tiers.append(Tier(spec.name, float(spec.share), budget))
     return tuple(tiers)
 
@@ -480,8 +567,9 @@ def build_population(
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     if cfg.population == "homogeneous":
-        budget = Budget(
-            *(_resolve(getattr(cfg, r), r, reference, f"devices.{r}") for r in RESOURCES)
+        budget = Budget.of(
+            [_resolve(getattr(cfg, r), r, reference, f"devices.{r}") for r in RESOURCES],
+            **behaviour({r: getattr(cfg, r) for r in TRAITS}),
         )
         return Population((budget,) * num_clients, ("all",) * num_clients)
     if cfg.population == "tiers":
@@ -495,7 +583,11 @@ def build_population(
     path = Path(cfg.trace)
     if base_dir is not None and not path.is_absolute():
         path = Path(base_dir) / path
-    return read_trace(path, num_clients, reference)
+    traced = read_trace(path, num_clients, reference)
+    traits = behaviour({r: getattr(cfg, r) for r in TRAITS})  # the table's, for every device
+    return Population(
+        tuple(replace(b, **traits) for b in traced.budgets), traced.tier_names, traced.tiers
+    )
 
 
 _TRACE_REQUIRED = ("client_id", "memory", "flops", "upload")
@@ -542,11 +634,11 @@ def read_trace(path: str | Path, num_clients: int, reference: Reference | None) 
                 raise ConfigError(f"{where}: client_id {cid} already given on line {rows[cid][2]}")
             if cid >= num_clients:
                 extra.append(cid)
-            budget = Budget(
-                *(
+            budget = Budget.of(
+                [
                     _resolve(row.get(r) or "", r, reference, f"{where}: column {r!r}")
                     for r in RESOURCES
-                )
+                ]
             )
             rows[cid] = (budget, (row.get("tier") or "").strip() or "trace", line)
     absent = [c for c in range(num_clients) if c not in rows]

@@ -17,16 +17,16 @@ import torch
 from fedfit.algorithms import make_algorithm
 from fedfit.algorithms.base import ServerState, Update
 from fedfit.config import load_config
-from fedfit.engine.executors.flower import (
+from fedfit.engine.executors.flower import write_app
+from fedfit.engine.experiment import run
+from fedfit.engine.flower_secagg import (
     Summand,
     check_secure_aggregation,
     secagg_max_weight,
     secagg_vector,
     secagg_weight,
     secure_mean,
-    write_app,
 )
-from fedfit.engine.experiment import run
 from fedfit.engine.runfolder import RunFolder
 from fedfit.errors import ConfigError
 from tests.helpers import TINY_RUN, read_rows, tiny_run_config

@@ -136,10 +136,15 @@ def test_every_update_bad_stops_the_run(tmp_path: Path, monkeypatch: pytest.Monk
         tmp_path, "run.rounds=3", "method.name=fedavg", "data.clients_per_round=2",
         "run.min_clients=2",
     )  # fmt: skip
-    with pytest.raises(RunStopped, match=r"round 1: 1 of 2 updates are valid, fewer than run"):
+    with pytest.raises(
+        RunStopped,
+        match=r"round 1: 1 of 2 sampled clients sent a valid update in time, fewer than run",
+    ):
         run(config, plots=False)
     folder = RunFolder(tmp_path / "default")
-    assert folder.summary()["stopped"].startswith("round 1: 1 of 2 updates are valid")
+    assert folder.summary()["stopped"].startswith(
+        "round 1: 1 of 2 sampled clients sent a valid update"
+    )
     assert [r["round"] for r in folder.rounds()] == [0]  # the last good round
     assert folder.load_checkpoint()[0].round == 0
 

@@ -2,8 +2,8 @@
 
 Imports only Flower: a deployed node answers the ServerApp's QUERY with it without loading
 torch (engine/flower_app.py), and runs the key-exchange stages of secure aggregation
-(``secure_aggregation_mod``) the same way; the executor (engine/executors/flower.py) uses it
-too.
+(``secure_aggregation_mod``) the same way; the executor (engine/executors/flower.py) and
+secure aggregation's server side (engine/flower_secagg.py) use it too, and share its waits.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict  # 
 from flwr.clientapp.typing import ClientAppCallable, Mod  # noqa: E402
 
 CONFIG_KEY = "fedfit-config"  # the run config key holding the fedfit config (TOML text)
+NODE_WAIT_S = 120.0  # how long the ServerApp waits for the nodes of every client
+REPLY_TIMEOUT_S = 3600.0  # per round (under SecAgg+, per stage of the protocol)
 
 
 def node_partition(context: Context) -> int | None:

@@ -33,6 +33,17 @@ class RunConfig:
         default=1,
         metadata={"help": "fewest valid updates a round aggregates; fewer stop the run"},
     )
+    retries: int = field(
+        default=0,
+        metadata={"help": "a round with too few valid updates is retried with a fresh sample"},
+    )
+    deadline_s: float = field(
+        default=0.0,
+        metadata={
+            "help": "simulated round deadline: updates of devices slower than this (their "
+            "[devices] speed / bandwidth) are dropped; 0 = none"
+        },
+    )
     ray_address: str = field(
         default="",
         metadata={"help": "existing Ray cluster host:port; '' = start a local Ray instance"},
@@ -42,10 +53,19 @@ class RunConfig:
         check(self.rounds >= 1, "run.rounds", "must be >= 1")
         check(self.eval_every >= 1, "run.eval_every", "must be >= 1")
         check(self.threads >= 0, "run.threads", "must be >= 0")
-        check(bool(self.name) and "/" not in self.name, "run.name", "must be a plain folder name")
+        check(
+            bool(self.name)
+            and "/" not in self.name
+            and self.name not in (".", "..")
+            and "\0" not in self.name,
+            "run.name",
+            "must be a plain folder name",
+        )
         check_choice(self.executor, "run.executor", executor_names())
         check(self.workers >= 1, "run.workers", "must be >= 1")
         check(self.min_clients >= 1, "run.min_clients", "must be >= 1")
+        check(self.retries >= 0, "run.retries", "must be >= 0")
+        check(self.deadline_s >= 0, "run.deadline_s", "must be >= 0 (0 = no deadline)")
         if self.ray_address:
             check(self.executor == "ray", "run.ray_address", 'needs run.executor = "ray"')
             host, _, port = self.ray_address.removeprefix("ray://").rpartition(":")

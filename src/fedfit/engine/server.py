@@ -39,7 +39,7 @@ from fedfit.engine.client import ClientResult, ClientRunner
 from fedfit.engine.runfolder import CLIENTS, ROUNDS, TIMING, RunFolder
 from fedfit.engine.seeds import derive_seed
 from fedfit.engine.setup import RunSetup, evaluate, majority_baseline
-from fedfit.engine.validation import non_finite, rejection
+from fedfit.engine.validation import client_failure, non_finite, rejection
 from fedfit.errors import RunStopped
 from fedfit.log import log
 from fedfit.planning import Plan
@@ -50,10 +50,13 @@ ProgressFn = Callable[[int, int, dict[str, Any] | None], None]
 CUMULATIVE = ("upload_bytes", "download_bytes", "client_flops")
 
 
-def sample_clients(seed: int, round_: int, eligible: list[int], per_round: int) -> list[int]:
+def sample_clients(
+    seed: int, round_: int, eligible: list[int], per_round: int, attempt: int = 0
+) -> list[int]:
     """The round's clients: a seeded sample without replacement from the eligible ones
-    (those that fit their budget), in increasing id order."""
-    rng = np.random.default_rng([seed, round_])
+    (those that fit their budget), in increasing id order; ``attempt`` > 0 draws the fresh
+    sample of a retried round."""
+    rng = np.random.default_rng([seed, round_] if attempt == 0 else [seed, round_, attempt])
     picked = rng.choice(len(eligible), min(per_round, len(eligible)), replace=False)
     return sorted(eligible[int(i)] for i in picked)
 
@@ -85,19 +88,31 @@ def plan_fields(plan: Plan, budget: Budget, tier: str) -> dict[str, Any]:
     return fields
 
 
+# salt of the simulated dropouts' draws ("drop")
+DROPOUT_SALT = 0x64726F70
+
+
 @dataclass
 class OpenRound:
-    """A round after its server-side start: the sampled clients (in order) and their tasks as
-    the clients receive them, with each download's size in bytes."""
+    """A round after its server-side start: the clients that train (in order) and their tasks
+    as the clients receive them, with each download's size in bytes; ``dropped``: sampled
+    clients that dropped out after their download (simulated churn), with why and the
+    download's size; ``attempt``: 0, or the retry (run.retries) this sample is."""
 
     round: int
     clients: list[int]
     sent: list[tuple[ClientTask, int]]
     opened_at: float = field(default_factory=time.perf_counter)
+    dropped: dict[int, tuple[str, int]] = field(default_factory=dict)
+    attempt: int = 0
 
     @property
     def tasks(self) -> list[ClientTask]:
         return [task for task, _ in self.sent]
+
+
+class RetryRound(Exception):
+    """A round with too few valid updates, to be drawn again (``run.retries``)."""
 
 
 class Server:
@@ -110,6 +125,9 @@ class Server:
         self.state: ServerState = setup.algorithm.init(setup.model)
         self.wall = 0.0
         self.cum = dict.fromkeys(CUMULATIVE, 0)
+        # client rows of a round's failed attempts (run.retries), written with the round
+        self.retried_rows: list[dict[str, Any]] = []
+        self.can_retry = False  # only serve() redraws a round; Flower's loop cannot
 
     @property
     def next_round(self) -> int:
@@ -155,22 +173,32 @@ class Server:
 
     # ---------------------------------------------------------------- one round
 
-    def open_round(self, round_: int) -> OpenRound:
+    def open_round(self, round_: int, attempt: int = 0) -> OpenRound:
         """Server side, before any client trains: sample the round's clients,
-        ``start_round``, then ``configure`` and the download of every client in that order."""
+        ``start_round``, then ``configure`` and the download of every client in that order;
+        a device with a ``dropout`` chance may drop out after its download (seeded)."""
         setup, state = self.setup, self.state
         cfg = setup.config
         opened_at = time.perf_counter()
-        clients = sample_clients(cfg.run.seed, round_, setup.eligible, cfg.data.clients_per_round)
-        setup.algorithm.start_round(state, clients)
+        sampled = sample_clients(
+            cfg.run.seed, round_, setup.eligible, cfg.data.clients_per_round, attempt
+        )
+        setup.algorithm.start_round(state, sampled)
         setup.channel.start_round()
-        sent = []
-        for cid in clients:
+        clients, sent, dropped = [], [], {}
+        for cid in sampled:
             task = setup.algorithm.configure(
                 state, cid, derive_seed(cfg.run.seed, round_, cid), setup.plans[cid]
             )
-            sent.append(setup.channel.download(task, round_))
-        return OpenRound(round_, clients, sent, opened_at)
+            delivered = setup.channel.download(task, round_)
+            p = setup.population.budgets[cid].dropout
+            draw = np.random.default_rng([cfg.run.seed, round_, attempt, cid, DROPOUT_SALT])
+            if p and draw.random() < p:
+                dropped[cid] = (f"dropped out (the device's dropout chance is {p:g})", delivered[1])
+            else:
+                clients.append(cid)
+                sent.append(delivered)
+        return OpenRound(round_, clients, sent, opened_at, dropped, attempt)
 
     def close_round(self, opened: OpenRound, results: list[ClientResult]) -> dict[str, Any]:
         """Server side, after the clients: ``aggregate`` the updates in the round's order,
@@ -182,7 +210,10 @@ class Server:
                 f"round {opened.round}: updates of clients {got}, sent {opened.clients}"
             )
         setup, round_ = self.setup, opened.round
-        client_rows, updates, rejected = [], [], {}
+        client_rows, updates, rejected, dropped = [], [], {}, {}
+        for cid, (why, download_bytes) in opened.dropped.items():
+            dropped[cid] = why
+            client_rows.append(self.dropped_row(round_, cid, why, download_bytes))
         for cid, result, (task, download_bytes) in zip(
             opened.clients, results, opened.sent, strict=True
         ):
@@ -194,20 +225,35 @@ class Server:
                 **self.assigned(cid),
             }
             reason = self.rejection(result, task)
-            if reason is None:
-                updates.append(result.update)
-            else:
+            late = self.late(client_row) if reason is None else None
+            if reason is not None:
                 client_row["rejected"] = rejected[cid] = reason
                 log(f"round {round_}: client {cid}'s update rejected: {reason}")
+            elif late is not None:
+                client_row["dropped"] = dropped[cid] = late
+            else:
+                updates.append(result.update)
             client_rows.append(client_row)
-        need = min(setup.config.run.min_clients, len(opened.clients))
+        if opened.attempt:
+            for c in client_rows:
+                c["attempt"] = opened.attempt
+        sampled = len(opened.clients) + len(opened.dropped)
+        need = min(setup.config.run.min_clients, sampled)
         if len(updates) < need:
-            reasons = "; ".join(f"client {c}: {why}" for c, why in rejected.items())
-            self.stop(
-                f"round {round_}: {len(updates)} of {len(opened.clients)} updates are valid, "
-                f"fewer than run.min_clients = {need} ({reasons})",
-                client_rows,
+            reasons = "; ".join(
+                f"client {c}: {why}" for c, why in sorted({**rejected, **dropped}.items())
             )
+            message = (
+                f"round {round_}: {len(updates)} of {sampled} sampled clients sent a valid "
+                f"update in time, fewer than run.min_clients = {need} ({reasons})"
+            )
+            if self.can_retry and opened.attempt < setup.config.run.retries:
+                log(f"{message}; drawing a fresh sample (retry {opened.attempt + 1})")
+                self.retried_rows += client_rows
+                raise RetryRound(message)
+            self.stop(message, [*self.retried_rows, *client_rows])
+        client_rows = [*self.retried_rows, *client_rows]
+        self.retried_rows = []
         weights = np.array([u.num_examples for u in updates], dtype=float)
         losses = np.array([u.metrics.get("train_loss", np.nan) for u in updates])
         train_loss = float(np.sum(weights * losses) / weights.sum())
@@ -230,18 +276,51 @@ class Server:
         }
         if rejected:
             row["rejected"] = len(rejected)
+        if dropped:
+            row["dropped"] = len(dropped)
+        if opened.attempt:
+            row["attempts"] = opened.attempt + 1
         self._record(client_rows, row, time.perf_counter() - opened.opened_at)
         return row
 
+    def dropped_row(self, round_: int, cid: int, why: str, download_bytes: int) -> dict[str, Any]:
+        """The clients.jsonl row of a client that dropped out after its download."""
+        return {
+            "round": round_,
+            "client_id": cid,
+            "num_examples": 0,
+            "steps": 0,
+            "train_loss": None,
+            "upload_bytes": 0,
+            "flops": 0,
+            "peak_memory_bytes": None,
+            "download_bytes": download_bytes,
+            "dropped": why,
+            **self.assigned(cid),
+        }
+
+    def late(self, client_row: dict[str, Any]) -> str | None:
+        """Why a valid update missed the round's deadline (``run.deadline_s``) on its
+        device's simulated speeds, or None; the simulated duration goes in its row."""
+        budget = self.setup.population.budgets[client_row["client_id"]]
+        transferred = client_row["download_bytes"] + client_row["upload_bytes"]
+        seconds = budget.round_seconds(client_row["flops"], transferred)
+        if seconds is None:
+            return None
+        client_row["simulated_s"] = round(seconds, 3)
+        deadline = self.setup.config.run.deadline_s
+        if deadline and seconds > deadline:
+            return (
+                f"straggler: its round takes {seconds:.3g} s on the device "
+                f"({client_row['flops']} FLOPs, {transferred} bytes), over run.deadline_s = "
+                f"{deadline:g}"
+            )
+        return None
+
     def rejection(self, result: ClientResult, task: ClientTask) -> str | None:
         """Why a client's result must not be aggregated (engine/validation.py), or None."""
-        if "error" in result.row:
-            return f"the client failed: {result.row['error']}"
-        loss = result.update.metrics.get("train_loss")
-        if isinstance(loss, float) and not math.isfinite(loss):
-            return f"its training loss is {loss} (the client's training diverged)"
         cid = task.client_id
-        return rejection(
+        return client_failure(result.row, result.update.metrics) or rejection(
             result.update,
             task,
             self.setup.algorithm.payload_kind,
@@ -268,9 +347,18 @@ class Server:
     def serve(self, run_clients: ClientRunner, last_round: int) -> None:
         """Rounds ``next_round .. last_round``, the clients' part by ``run_clients`` (which
         returns their results in the tasks' order)."""
+        self.can_retry = True
         for round_ in range(self.next_round, last_round + 1):
-            opened = self.open_round(round_)
-            self.close_round(opened, run_clients(self.state, opened.clients, opened.tasks))
+            for attempt in range(self.setup.config.run.retries + 1):
+                opened = self.open_round(round_, attempt)
+                results = (
+                    run_clients(self.state, opened.clients, opened.tasks) if opened.clients else []
+                )
+                try:
+                    self.close_round(opened, results)
+                    break
+                except RetryRound:
+                    continue
 
     def privacy_spent(self, rounds: int) -> dict[str, float]:
         """The (epsilon, delta) of ``rounds`` rounds of DP-FedAvg (fedfit/privacy.py), by
@@ -412,6 +500,11 @@ def summarize(
         "cum_upload_bytes": sum(r["upload_bytes"] for r in rounds),
         "cum_client_flops": sum(r["client_flops"] for r in rounds),
         # per-client figures of training rounds; round 0's (the class-mean head's pass) apart
-        "per_client": per_client_costs([c for c in clients if c["round"] > 0]),
+        # (clients that dropped out before training left out)
+        "per_client": per_client_costs(
+            [c for c in clients if c["round"] > 0 and (c["steps"] or "dropped" not in c)]
+        ),
+        "dropped_updates": sum("dropped" in c for c in clients),
+        "rejected_updates": sum("rejected" in c for c in clients),
         "round0_per_client": per_client_costs([c for c in clients if c["round"] == 0]),
     }

@@ -3,8 +3,9 @@
 A federated server cannot trust what arrives: a device with a bug, a flipped bit or an
 attacker can send NaN, a tensor of the wrong shape (which broadcasting would silently spread
 over a whole matrix), or an example count that lets it dominate the weighted mean.
-``rejection`` returns why an update must not be aggregated (or None when it may), from what
-the server knows without trusting the client:
+``client_failure`` says whether the client's round itself failed (an error in its row, a
+non-finite training loss); ``rejection`` returns why an update must not be aggregated (or
+None when it may), from what the server knows without trusting the client:
 
 - every floating-point value is finite;
 - for uploads of tensors (``payload_kind`` "weights", "gradient", "subset"): every name is
@@ -19,7 +20,9 @@ the server knows without trusting the client:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -66,6 +69,17 @@ def tensor_problem(
         return f"{name}: shape {tuple(tensor.shape)}, the tensor sent is {tuple(ref.shape)}"
     if tensor.dtype != ref.dtype:
         return f"{name}: dtype {tensor.dtype}, the tensor sent is {ref.dtype}"
+    return None
+
+
+def client_failure(row: Mapping[str, Any], metrics: Mapping[str, Any]) -> str | None:
+    """Why a client's round failed, or None: the error its measured ``row`` carries, or a
+    training loss in its ``metrics`` that is NaN or infinite (its training diverged)."""
+    if "error" in row:
+        return f"the client failed: {row['error']}"
+    loss = metrics.get("train_loss")
+    if isinstance(loss, float) and not math.isfinite(loss):
+        return f"its training loss is {loss} (the client's training diverged)"
     return None
 
 
