@@ -75,11 +75,25 @@ class Ledger:
     def cells(self) -> dict[str, dict[str, Any]]:
         return self.data["cells"]  # type: ignore[no-any-return]
 
+    def refresh(self) -> None:
+        """Take in the cells that another process of the same benchmark finished since (two
+        processes may share one ledger, each on other cells)."""
+        if not self.path.exists():
+            return
+        old = json.loads(self.path.read_text())
+        if old.get("base") == self.data.get("base"):
+            for key, cell in old.get("cells", {}).items():
+                self.cells.setdefault(key, cell)
+
     def save(self) -> None:
+        from filelock import FileLock
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
-        tmp.replace(self.path)
+        with FileLock(str(self.path) + ".lock"):
+            self.refresh()
+            tmp = self.path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+            tmp.replace(self.path)
 
 
 def run_cell(

@@ -31,6 +31,7 @@ from typing import Any
 from cells import RUNS, Cell, Ledger, pct, run_cell
 from common import DEFAULT_TOML, RESULTS, log, read_figures
 
+from fedfit.engine.runfolder import RunLocked
 from fedfit.errors import RunStopped
 
 FRACTIONS = (0.0, 0.1, 0.2, 0.3)
@@ -57,15 +58,16 @@ def noise_for(epsilon: float, rounds: int, rate: float) -> float:
                                       sample_rate=rate, steps=rounds, accountant="rdp"))  # fmt: skip
 
 
+def poison_cell(fraction: float, rule: str) -> Cell:
+    attack = [*ATTACK, f"attack.fraction={fraction}"] if fraction else []
+    return Cell(f"poison-{int(100 * fraction)}-{rule}", rule, [*attack, *RULES[rule]],
+                {"part": "poisoning", "attackers": fraction, "rule": rule})  # fmt: skip
+
+
 def cells(rounds: int, rate: float) -> list[Cell]:
-    out = []
-    for fraction in FRACTIONS:
-        for rule, sets in RULES.items():
-            if rule == "multi_krum" and fraction != 0.2:
-                continue
-            attack = [*ATTACK, f"attack.fraction={fraction}"] if fraction else []
-            out.append(Cell(f"poison-{int(100 * fraction)}-{rule}", rule, [*attack, *sets],
-                            {"part": "poisoning", "attackers": fraction, "rule": rule}))  # fmt: skip
+    """Every cell, in the order of the tables."""
+    out = [poison_cell(f, rule) for f in FRACTIONS for rule in RULES
+           if rule != "multi_krum" or f == 0.2]  # fmt: skip
     for eps in EPSILONS:
         z = noise_for(eps, rounds, rate)
         sets = [f"privacy.noise_multiplier={z}", "privacy.clip_norm=1.0", f"privacy.delta={DELTA}"]
@@ -74,11 +76,22 @@ def cells(rounds: int, rate: float) -> list[Cell]:
     return out
 
 
-def run_point(ledger: Ledger, name: str, common: list[str], cell: Cell) -> dict[str, Any]:
+def by_priority(every: list[Cell]) -> list[Cell]:
+    """The order cells run in: the mean and the median at every share of attackers, DP, then
+    the other robust rules (so that a stopped benchmark has the rows that matter most)."""
+    rank = {"mean": 0, "median": 0, "dp-fedavg": 1}
+    return sorted(every, key=lambda c: rank.get(c.method, 2))
+
+
+def run_point(ledger: Ledger, name: str, common: list[str], cell: Cell) -> dict[str, Any] | None:
     """The cell's figures; a run that the server stopped (a diverged model) is a result too,
-    its curve up to the stop."""
+    its curve up to the stop; None when another process of this benchmark is running it."""
+    ledger.refresh()
     try:
         return run_cell(ledger, name, DEFAULT_TOML, common, cell)
+    except RunLocked:
+        log(f"{cell.key}: another process runs it; next cell")
+        return None
     except RunStopped as err:
         run_dir = RUNS / name / cell.key
         figures = {**read_figures(run_dir), "method": cell.method, "key": cell.key,
@@ -159,6 +172,11 @@ def claims(rows: list[dict[str, Any]]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny-bert smoke test")
+    parser.add_argument(
+        "--reverse",
+        action="store_true",
+        help="take the cells last-first (a second process beside the first shares its ledger)",
+    )
     args = parser.parse_args()
     common = ["model.head_init=random", *(QUICK if args.quick else FULL)]
     name = "robustness" + ("-quick" if args.quick else "")
@@ -170,16 +188,21 @@ def main() -> None:
     ledger = Ledger(
         out.with_suffix(".json"), {"setting": setting, "benchmark": name, "base": common}
     )
-    result: dict[str, Any] = {"benchmark": name, "setting": setting, "rows": []}
-    for cell in cells(rounds, 10 / clients):
-        row = run_point(ledger, name, common, cell)
-        if row.get("part") == "privacy":
-            row["epsilon_spent"] = epsilon_of(row)
-        result["rows"].append(row)
-        result.update(command=ledger.data["command"], claims=claims(result["rows"]))
+    command = "python benchmarks/robustness.py" + (" --quick" if args.quick else "")
+    every = cells(rounds, 10 / clients)
+    order = by_priority(every)
+    for cell in order[::-1] if args.reverse else order:
+        if run_point(ledger, name, common, cell) is None:
+            continue
+        rows = [ledger.cells[c.key] for c in every if c.key in ledger.cells]
+        for row in rows:
+            if row.get("part") == "privacy" and "epsilon_spent" not in row:
+                row["epsilon_spent"] = epsilon_of(row)
+        result = {"benchmark": name, "setting": setting, "rows": rows, "command": command,
+                  "claims": claims(rows)}  # fmt: skip
         ledger.data.update(result)
         ledger.save()
-        if any(r["key"] == "poison-0-mean" for r in result["rows"]):
+        if any(r["key"] == "poison-0-mean" for r in rows):
             out.with_suffix(".md").write_text(markdown(result))
     log(f"wrote {out.with_suffix('.md')}")
 
