@@ -93,10 +93,12 @@ def shrink(argv: list[str]) -> list[str]:
         return argv  # report, compare, models; --resume takes the folder's own config
     config = load_config(args.config, args.set)
     data = config.data
+    secure = config.server.secure_aggregation != "none"
     sets = [
         "model.max_length=32",
         f"data.num_clients={min(data.num_clients, 4)}",
-        f"data.clients_per_round={min(data.clients_per_round, 2)}",
+        # SecAgg+ needs 3 clients per round (with 2, each learns the other's upload)
+        f"data.clients_per_round={min(data.clients_per_round, 3 if secure else 2)}",
         "data.max_examples=16",
         f"data.min_examples={min(data.min_examples, 10)}",
         "data.eval_examples=24",

@@ -126,6 +126,8 @@ class Algorithm:
 
     name: str = "fedavg"
     payload_kind: str = "weights"
+    # a seed-and-scalar method whose scalars the robust rules can combine (DeComFL)
+    combines_scalars: bool = False
 
     def __init__(self, options: object, config: Config) -> None:
         self.options = options

@@ -237,13 +237,15 @@ def check_head_init(
 def make_channel(config: Config) -> Channel:
     """The run's wire (engine/channel.py) for the configured method and compression."""
     # read on an instance: a method's upload may depend on its options (Spry's)
-    kind = make_algorithm(config).payload_kind
+    algorithm = make_algorithm(config)
+    kind = algorithm.payload_kind
     server = config.server
-    if kind == "scalars" and (server.aggregation != "mean" or server.clip_norm):
+    robust = server.aggregation != "mean" or server.clip_norm
+    if kind == "scalars" and robust and not algorithm.combines_scalars:
         raise ConfigError(
             f"server.aggregation / server.clip_norm: {config.method.name} uploads seeds and "
             "scalars, which its own aggregate combines; robust aggregation and clipping apply "
-            "to uploads of tensors (weights, gradients)"
+            "to uploads of tensors (weights, gradients) and to DeComFL's shared-seed scalars"
         )
     check_supported(
         config.privacy,

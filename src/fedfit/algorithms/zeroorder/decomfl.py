@@ -102,6 +102,9 @@ class DeComFL(ZeroOrder):
 
     name = "decomfl"
     payload_kind = "scalars"
+    # every client of a round perturbs along the same seeds, so the scalars of one (step,
+    # perturbation) can be combined across clients by a robust rule
+    combines_scalars = True
 
     def __init__(self, options: object, config: Any) -> None:
         super().__init__(options, config)
@@ -180,7 +183,7 @@ class DeComFL(ZeroOrder):
         return Update(task.client_id, payload, len(shard), metrics)
 
     def aggregate(self, state: ServerState, updates: Sequence[Update]) -> ServerState:
-        means = weighted_step_means(updates)
+        means = self.step_scalars(state, updates)
         base = self.base_seed(state.round + 1)
         params = {n: t.clone() for n, t in state.params.items()}
         replay_(params, *round_pairs(base, means, self.replay_lr))
@@ -193,6 +196,23 @@ class DeComFL(ZeroOrder):
             "rounds": [*state.extra["rounds"], (base, means)],
         }
         return ServerState(state.round + 1, params, dict(state.opt_state), extra)
+
+    def step_scalars(self, state: ServerState, updates: Sequence[Update]) -> torch.Tensor:
+        """The round's scalar per (step, perturbation): the example-weighted mean, or with
+        ``server.aggregation`` / ``server.clip_norm`` set, that rule across the clients that
+        ran the step (each client's scalars clipped as one vector)."""
+        server = self.config.server
+        if server.aggregation == "mean" and not server.clip_norm:
+            return weighted_step_means(updates)
+        combined = self.combine(
+            state, [per_step(u) for u in updates], [u.num_examples for u in updates], True
+        )
+        return torch.stack([combined[str(i)] for i in range(len(combined))]).to(torch.float32)
+
+
+def per_step(update: Update) -> dict[str, torch.Tensor]:
+    """A client's scalars as one tensor per local step (the P scalars of that step)."""
+    return {str(i): row for i, row in enumerate(update.payload["scalar"])}
 
 
 def replay_history(
