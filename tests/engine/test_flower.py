@@ -132,7 +132,7 @@ def test_flower_simulation_rejects_a_nan_update(tmp_path: Path) -> None:
     assert "values are not finite" in rejected[0]["rejected"]
 
 
-def _ours(home: Path) -> list[psutil.Process]:
+def processes_of(home: Path) -> list[psutil.Process]:
     """Live processes started with FLWR_HOME = ``home`` (SuperLink, SuperNodes, their
     SuperExecs and app processes)."""
     found = []
@@ -152,7 +152,7 @@ def test_flower_deployment_equals_the_local_executor(tmp_path: Path) -> None:
     try:
         deployed = deploy_local(tiny(tmp_path, "run.name=deployed"), work)
     finally:
-        left = _ours(work.resolve() / "flwr-home")
+        left = processes_of(work.resolve() / "flwr-home")
         assert not left, f"processes left running: {[p.cmdline() for p in left]}"
     local = run(tiny(tmp_path, "run.name=local"), plots=False)
     assert_same_as_local(local, deployed, rounds=2)
@@ -175,5 +175,5 @@ def test_a_failed_deployment_stops_every_process(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="did not finish in 1 s"):
         deploy_local(tiny(tmp_path, "run.name=cut"), work, timeout_s=1.0)
     assert (work / "superlink.log").exists() and (work / "supernode-1.log").exists()
-    left = _ours(work.resolve() / "flwr-home")
+    left = processes_of(work.resolve() / "flwr-home")
     assert not left, f"processes left running: {[p.cmdline() for p in left]}"

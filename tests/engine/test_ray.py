@@ -198,6 +198,8 @@ def test_existing_cluster_matches_local_executor(tmp_path: Path, head: Head) -> 
              # clients that send NaN or crash, on the actors: rejected, the rounds go on
              "nan": ["method.name=fedavg", "attack.kind=nan", f"attack.clients=[{bad}]"],
              "error": ["method.name=fedavg", "attack.kind=error", f"attack.clients=[{bad}]"],
+             "shape": ["method.name=fedavg", "attack.kind=shape", f"attack.clients=[{bad}]"],
+             "count": ["method.name=fedavg", "attack.kind=count", f"attack.clients=[{bad}]"],
              }  # fmt: skip
     with RayPool(workers=2, threads=1, address=address) as pool:
         for name, method in extra.items():
@@ -206,7 +208,7 @@ def test_existing_cluster_matches_local_executor(tmp_path: Path, head: Head) -> 
             remote = run(on_ray, plots=False, pool=pool)
             local = run(tiny(tmp_path, f"run.name={name}-local", *method), plots=False)
             assert_same_run(local, remote)
-            if name in ("nan", "error"):
+            if name in ("nan", "error", "shape", "count"):
                 assert sum("rejected" in c for c in rows(remote / "clients.jsonl")) == 2
     assert not ray.is_initialized()
     assert head.proc.poll() is None  # the cluster is left running: it is not ours to stop

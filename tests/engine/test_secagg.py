@@ -1,13 +1,19 @@
 """Secure aggregation (Flower's SecAgg+) in the Flower executor: the sum form against every
-allowed method's aggregate, a Flower simulation of three SuperNodes against the local
-executor's plain aggregate within SecAgg+'s quantisation bound, and the refusals.
+allowed method's aggregate; three SuperNodes, in Flower's simulation and in a real loopback
+deployment, against the local executor's plain aggregate within SecAgg+'s quantisation
+bound; and the refusals.
 
 Costs (2 cores): the simulation test about 40-60 s (Ray, three actors building their setup
-once, the protocol's four stages per round); the rest well under a second.
+once, the protocol's four stages per round); the deployment test about as long as the old
+two-node plain deployment test (SuperLink, three SuperNodes, the ServerApp process, and a
+fresh ``flwr-clientapp`` process per message: three load torch, fedfit and the model to
+train, the key-exchange stages' load Flower only); the local plain run both compare with is
+run once for the module; the rest well under a second.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +23,7 @@ import torch
 from fedfit.algorithms import make_algorithm
 from fedfit.algorithms.base import ServerState, Update
 from fedfit.config import load_config
-from fedfit.engine.executors.flower import write_app
+from fedfit.engine.executors.flower import deploy_local, write_app
 from fedfit.engine.experiment import run
 from fedfit.engine.flower_secagg import (
     Summand,
@@ -29,6 +35,7 @@ from fedfit.engine.flower_secagg import (
 )
 from fedfit.engine.runfolder import RunFolder
 from fedfit.errors import ConfigError
+from tests.engine.test_flower import processes_of
 from tests.helpers import TINY_RUN, read_rows, tiny_run_config
 
 SECAGG = "server.secure_aggregation=secaggplus"
@@ -115,47 +122,45 @@ def test_the_secure_sum_gives_each_methods_own_aggregate(method: str, options: l
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-12)
 
 
-# ---------------------------------------------------------------- a Flower simulation
+# ---------------------------------------------------------------- three SuperNodes
 
 CLIP, LEVELS = 0.5, 2**16  # coarse enough that SecAgg+'s rounding shows, far above 1e-6
 
-# Three clients (one per SuperNode), all in the one round.
+# Three clients (one per SuperNode), all in the one round: with one round the bound holds as
+# derived (a second round would train from downloads already apart by the rounding).
 TINY = [
     *TINY_RUN,
     "data.num_clients=3",
     "data.clients_per_round=3",
     "run.rounds=1",
     "run.threads=1",
+    f"server.secagg_clipping_range={CLIP}",
+    f"server.secagg_quantization_range={LEVELS}",
 ]
 
 
-def test_secaggplus_aggregate_equals_the_plain_one_within_its_quantisation(
-    tmp_path: Path,
-) -> None:
-    """LoRA on three SuperNodes through Flower's SecAgg+ (num_shares 3, threshold 2): the
-    global model after the round against the local executor's plain aggregate.
+def _config(tmp_path: Path, *extra: str):
+    return tiny_run_config(tmp_path, *extra, base=TINY)
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The local executor's plain run of TINY, which both SecAgg+ runs are compared with."""
+    return run(_config(tmp_path_factory.mktemp("plain"), "run.name=plain"), plots=False)
+
+
+def _assert_within_quantisation(plain: Path, secure: Path) -> None:
+    """The SecAgg+ run folder ``secure`` against the plain one: the same rows per client,
+    and every global value within SecAgg+'s quantisation bound of the plain aggregate.
 
     Bound, per value: each client's weighted change ``q_i / Q * y_i`` is stochastically
     rounded to a multiple of ``2c / Q`` (error < one step; nothing is clipped since
     |y| < c), so the summed error is < ``k * 2c / Q`` and, divided by the summed weight
     ``sum_i q_i / Q`` with ``q_i = n_i * (Q // N)`` (N the largest shard), the mean's error is
     < ``2 c k / ((Q // N) * sum_i n_i)``; plus float32 rounding of the stored model."""
-    base = [
-        *TINY,
-        f"server.secagg_clipping_range={CLIP}",
-        f"server.secagg_quantization_range={LEVELS}",
-    ]
-    plain = run(tiny_run_config(tmp_path, "run.name=plain", base=base), plots=False)
-    secure = run(
-        tiny_run_config(
-            tmp_path, "run.name=secure", "run.executor=flower", "run.workers=3", SECAGG, base=base
-        ),
-        plots=False,
-    )
     clients = read_rows(secure / "clients.jsonl")
     plain_clients = read_rows(plain / "clients.jsonl")
     assert [c["client_id"] for c in clients] == [0, 1, 2]
-    assert len({c["node_id"] for c in clients}) == 3
     for c, p in zip(clients, plain_clients, strict=True):  # rows still come back per client
         for key in ("num_examples", "steps", "upload_bytes", "flops"):
             assert c[key] == p[key], key
@@ -177,11 +182,46 @@ def test_secaggplus_aggregate_equals_the_plain_one_within_its_quantisation(
     )
 
 
+def test_secaggplus_aggregate_equals_the_plain_one_within_its_quantisation(
+    tmp_path: Path, plain: Path
+) -> None:
+    """LoRA on three virtual SuperNodes (Flower's simulation) through SecAgg+ (num_shares 3,
+    threshold 2): the global model after the round against the local executor's plain
+    aggregate, within the quantisation bound (``_assert_within_quantisation``)."""
+    secure = run(
+        _config(tmp_path, "run.name=secure", "run.executor=flower", "run.workers=3", SECAGG),
+        plots=False,
+    )
+    _assert_within_quantisation(plain, secure)
+    assert len({c["node_id"] for c in read_rows(secure / "clients.jsonl")}) == 3
+
+
+def test_secaggplus_on_a_loopback_deployment_equals_the_plain_aggregate(
+    tmp_path: Path, plain: Path
+) -> None:
+    """Acceptance: a SuperLink and three SuperNodes on 127.0.0.1 as separate processes
+    (``deploy_local``, Flower's network transport), one round of LoRA through SecAgg+: the
+    global model equals the local executor's plain aggregate within the quantisation bound,
+    and every process the deployment started is stopped. (The plain path over a deployment is
+    the simulation's equality to the local executor, test_flower.py, plus the same transport
+    here.)"""
+    work = tmp_path / "deploy"
+    try:
+        secure = deploy_local(_config(tmp_path, "run.name=deployed", SECAGG), work)
+    finally:
+        left = processes_of(work.resolve() / "flwr-home")
+        assert not left, f"processes left running: {[p.cmdline() for p in left]}"
+    _assert_within_quantisation(plain, secure)
+    clients = read_rows(secure / "clients.jsonl")
+    # Each SuperNode trained its own client (the node checks its partition-id against the
+    # task), each in a fresh flwr-clientapp process (Flower 1.41: one per message).
+    assert len({c["node_id"] for c in clients}) == 3
+    pids = {c["pid"] for c in clients}
+    assert len(pids) == 3 and os.getpid() not in pids
+    assert "Successfully started run" in (work / "flwr-run.log").read_text()
+
+
 # ---------------------------------------------------------------- refusals
-
-
-def _config(tmp_path: Path, *extra: str):
-    return tiny_run_config(tmp_path, *extra, base=TINY)
 
 
 def test_a_seed_and_scalar_method_is_refused(tmp_path: Path) -> None:
