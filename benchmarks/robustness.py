@@ -158,14 +158,22 @@ def claims(rows: list[dict[str, Any]]) -> list[str]:
     if (0.2, "mean") in poison and (0.0, "mean") in poison:
         loss = poison[0.0, "mean"]["final_accuracy"] - poison[0.2, "mean"]["final_accuracy"]
         out.append(f"FedAvg (mean) with 20% sign-flippers: {100 * loss:.1f} points lost")
+    fedavg = poison.get((0.0, "mean"))
     for rule in ("median", "trimmed_mean", "multi_krum"):
-        clean = poison.get((0.0, rule)) or poison.get((0.0, "mean"))
-        if (0.2, rule) in poison and clean is not None:
-            loss = clean["final_accuracy"] - poison[0.2, rule]["final_accuracy"]
-            verdict = "met" if loss <= 0.02 else "not met"
-            out.append(f"{rule} with 20% sign-flippers: {100 * loss:.1f} points lost against "
-                       f"{'its own' if (0.0, rule) in poison else 'the mean'} clean run "
-                       f"(goal <= 2): {verdict}")  # fmt: skip
+        if (0.2, rule) not in poison or fedavg is None:
+            continue
+        attacked = poison[0.2, rule]["final_accuracy"]
+        own = poison.get((0.0, rule))
+        parts = []
+        if own is not None:
+            loss = own["final_accuracy"] - attacked
+            parts.append(f"{100 * loss:.1f} points below its own clean run "
+                         f"({'met' if loss <= 0.02 else 'not met'})")  # fmt: skip
+        loss = fedavg["final_accuracy"] - attacked
+        parts.append(f"{100 * loss:.1f} points below clean FedAvg "
+                     f"({'met' if loss <= 0.02 else 'not met'})")  # fmt: skip
+        out.append(f"{rule} with 20% sign-flippers (goal: at most 2 points lost): "
+                   + "; ".join(parts))  # fmt: skip
     return out
 
 

@@ -119,3 +119,18 @@ def misbehave(monkeypatch: Any, change: Any) -> list[int]:
     monkeypatch.setattr(Algorithm, "client_update", patched_update)
     monkeypatch.setattr(Algorithm, "start_round", patched_start)
     return hit
+
+
+def processes_of(home: Path) -> list[Any]:
+    """Live processes started with FLWR_HOME = ``home`` (SuperLink, SuperNodes, their
+    SuperExecs and app processes)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("FLWR_HOME") == str(home):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found

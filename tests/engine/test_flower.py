@@ -1,11 +1,10 @@
 """The Flower executor against the local one: the wire records, Flower's simulation runtime
-and a real deployment (a SuperLink and two SuperNodes as separate processes on 127.0.0.1).
+and a deployment that is cut short (a SuperLink and two SuperNodes as separate processes on
+127.0.0.1). A whole deployment (three SuperNodes, through SecAgg+) against the local
+executor is tests/engine/test_secagg.py's: one deployment start-up for both checks.
 
-Costs (2 cores): the simulation test about 45 s (Ray and two actors start, each builds its
-setup once); the deployment test about 80 s: Flower 1.41 runs every message in a fresh
-``flwr-clientapp`` process, so each of the 2 x 2 client rounds imports torch and fedfit and
-loads the tiny model (about 10 s of CPU each), besides the SuperLink, the SuperNodes and the
-ServerApp process.
+Costs (2 cores): the simulation tests about 45 s each (Ray and two actors start, each builds
+its setup once); the cut deployment a few seconds; the rest well under a second.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
@@ -29,7 +27,13 @@ from fedfit.engine.executors.flower import (
 )
 from fedfit.engine.experiment import run
 from fedfit.errors import ConfigError
-from tests.helpers import TINY_RUN, assert_same_as_local, read_rows, tiny_run_config
+from tests.helpers import (
+    TINY_RUN,
+    assert_same_as_local,
+    processes_of,
+    read_rows,
+    tiny_run_config,
+)
 
 # Two clients (one per SuperNode), both in every round, two rounds.
 TINY = [
@@ -130,44 +134,6 @@ def test_flower_simulation_rejects_a_nan_update(tmp_path: Path) -> None:
     rejected = [c for c in read_rows(simulated / "clients.jsonl") if "rejected" in c]
     assert [(c["round"], c["client_id"]) for c in rejected] == [(1, bad), (2, bad)]
     assert "values are not finite" in rejected[0]["rejected"]
-
-
-def processes_of(home: Path) -> list[psutil.Process]:
-    """Live processes started with FLWR_HOME = ``home`` (SuperLink, SuperNodes, their
-    SuperExecs and app processes)."""
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if process.environ().get("FLWR_HOME") == str(home):
-                found.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
-
-
-def test_flower_deployment_equals_the_local_executor(tmp_path: Path) -> None:
-    """Acceptance: a SuperLink and two SuperNodes on 127.0.0.1, 2 rounds of LoRA over Flower's
-    network transport, the final global model equal to the local executor's."""
-    work = tmp_path / "deploy"
-    try:
-        deployed = deploy_local(tiny(tmp_path, "run.name=deployed"), work)
-    finally:
-        left = processes_of(work.resolve() / "flwr-home")
-        assert not left, f"processes left running: {[p.cmdline() for p in left]}"
-    local = run(tiny(tmp_path, "run.name=local"), plots=False)
-    assert_same_as_local(local, deployed, rounds=2)
-    clients = read_rows(deployed / "clients.jsonl")
-    # Each SuperNode trained its own client (partition-id) in both rounds.
-    by_client = {
-        c["client_id"]: {r["node_id"] for r in clients if r["client_id"] == c["client_id"]}
-        for c in clients
-    }
-    assert sorted(by_client) == [0, 1]
-    assert all(len(nodes) == 1 for nodes in by_client.values())
-    assert by_client[0] != by_client[1]
-    # Flower 1.41 runs every message in a fresh process: four client rounds, four processes.
-    assert len({c["pid"] for c in clients}) == 4
-    assert "Successfully started run" in (work / "flwr-run.log").read_text()
 
 
 def test_a_failed_deployment_stops_every_process(tmp_path: Path) -> None:

@@ -35,8 +35,7 @@ from fedfit.engine.flower_secagg import (
 )
 from fedfit.engine.runfolder import RunFolder
 from fedfit.errors import ConfigError
-from tests.engine.test_flower import processes_of
-from tests.helpers import TINY_RUN, read_rows, tiny_run_config
+from tests.helpers import TINY_RUN, processes_of, read_rows, tiny_run_config
 
 SECAGG = "server.secure_aggregation=secaggplus"
 
