@@ -17,7 +17,10 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict  # 
 from flwr.clientapp.typing import ClientAppCallable, Mod  # noqa: E402
 
 CONFIG_KEY = "fedfit-config"  # the run config key holding the fedfit config (TOML text)
-NODE_WAIT_S = 120.0  # how long the ServerApp waits for the nodes of every client
+# How long the ServerApp waits for the nodes of every client: a node's first answer comes
+# after its process has imported torch and fedfit and built its setup, which took over 120 s
+# on this project's 2-core machine while other runs shared it.
+NODE_WAIT_S = 300.0
 REPLY_TIMEOUT_S = 3600.0  # per round (under SecAgg+, per stage of the protocol)
 
 
