@@ -152,12 +152,37 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: list[dict[str, Any]]) -> Any:
+    """Accuracy by round: the rules at 0% and 20% attackers, and DP-FedAvg."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4))
+    poison, private = fig.subplots(1, 2, sharey=True)
+    for r in rows:
+        rounds = [p["round"] for p in r["curve"]]
+        accuracy = [p["accuracy"] for p in r["curve"]]
+        if r.get("part") == "poisoning" and r["attackers"] in (0.0, 0.2):
+            style = "-" if r["attackers"] == 0.2 else ":"
+            poison.plot(rounds, accuracy, style, marker=".", label=r["key"])
+        if r.get("part") == "privacy" or r["key"] == "poison-0-mean":
+            label = "no DP" if r["key"] == "poison-0-mean" else f"epsilon {r['target_epsilon']:g}"
+            private.plot(rounds, accuracy, marker=".", label=label)
+    poison.set(xlabel="round (0 = the start)", ylabel="held-out accuracy",
+               title="sign-flippers x4: 0% (dotted), 20% (solid)")  # fmt: skip
+    private.set(xlabel="round (0 = the start)", title="DP-FedAvg, delta 1e-3")
+    poison.legend(fontsize=7)
+    private.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def claims(rows: list[dict[str, Any]]) -> list[str]:
     poison = {(r["attackers"], r["rule"]): r for r in rows if r.get("part") == "poisoning"}
     out = []
     if (0.2, "mean") in poison and (0.0, "mean") in poison:
         loss = poison[0.0, "mean"]["final_accuracy"] - poison[0.2, "mean"]["final_accuracy"]
-        out.append(f"FedAvg (mean) with 20% sign-flippers: {100 * loss:.1f} points lost")
+        out.append(f"FedAvg (mean) with 20% sign-flippers: {100 * loss:.1f} points lost "
+                   "(final accuracy against its clean run)")  # fmt: skip
     fedavg = poison.get((0.0, "mean"))
     for rule in ("median", "trimmed_mean", "multi_krum"):
         if (0.2, rule) not in poison or fedavg is None:
@@ -165,13 +190,12 @@ def claims(rows: list[dict[str, Any]]) -> list[str]:
         attacked = poison[0.2, rule]["final_accuracy"]
         own = poison.get((0.0, rule))
         parts = []
-        if own is not None:
-            loss = own["final_accuracy"] - attacked
-            parts.append(f"{100 * loss:.1f} points below its own clean run "
-                         f"({'met' if loss <= 0.02 else 'not met'})")  # fmt: skip
-        loss = fedavg["final_accuracy"] - attacked
-        parts.append(f"{100 * loss:.1f} points below clean FedAvg "
-                     f"({'met' if loss <= 0.02 else 'not met'})")  # fmt: skip
+        for label, clean in (("its own clean run", own), ("clean FedAvg", fedavg)):
+            if clean is None:
+                continue
+            change = attacked - clean["final_accuracy"]
+            parts.append(f"{100 * change:+.1f} points against {label} "
+                         f"({'met' if change >= -0.02 else 'not met'})")  # fmt: skip
         out.append(f"{rule} with 20% sign-flippers (goal: at most 2 points lost): "
                    + "; ".join(parts))  # fmt: skip
     return out
@@ -212,6 +236,7 @@ def main() -> None:
         ledger.save()
         if any(r["key"] == "poison-0-mean" for r in rows):
             out.with_suffix(".md").write_text(markdown(result))
+            plot(rows).savefig(out.with_suffix(".png"), dpi=110)
     log(f"wrote {out.with_suffix('.md')}")
 
 
