@@ -83,7 +83,7 @@ def floor_worker(spec: dict[str, Any]) -> None:
             model.train()
             opt = torch.optim.AdamW(params.values(), lr=train.lr, weight_decay=train.weight_decay)
             steps = 0
-            for index in batch_indices(len(shard), train, client_seed):
+            for index in batch_indices(shard, train, client_seed):
                 model(**shard.batch(index)).loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -165,7 +165,7 @@ def replay_batches(setup: Any, rounds: int) -> dict[str, Any]:
     for round_ in range(1, rounds + 1):
         for cid in sample_clients(seed, round_, setup.eligible, config.data.clients_per_round):
             shard, client_seed = setup.shards[cid], derive_seed(seed, round_, cid)
-            for step, index in enumerate(batch_indices(len(shard), config.train, client_seed)):
+            for step, index in enumerate(batch_indices(shard, config.train, client_seed)):
                 sizes = [len(shard.seqs[i]) for i in index]
                 counts.update(sizes)
                 keys.add((len(sizes), max(sizes), step > 0))

@@ -54,6 +54,13 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "client weight decay"})
     momentum: float = field(default=0.0, metadata={"help": "SGD momentum"})
     eval_batch_size: int = field(default=64, metadata={"help": "evaluation batch size"})
+    bucket_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "minibatches of similar-length examples (seeded; less padding, other "
+            "batch composition)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check(self.local_steps >= 0, "train.local_steps", "must be >= 0")

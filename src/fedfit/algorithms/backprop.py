@@ -85,7 +85,7 @@ class FedSGD(Algorithm):
         for p in params.values():
             p.grad = None
         accumulate = NoStepOptimizer(list(params.values()))
-        batches = list(batch_indices(len(shard), ctx.train, task.seed))
+        batches = list(batch_indices(shard, ctx.train, task.seed))
         # batch_indices gives equal-size batches and each loss is a batch mean, so the
         # accumulated gradient divided by the number of batches is the mean over examples.
         losses = [ctx.meter.train_step(model, accumulate, shard.batch(index)) for index in batches]

@@ -276,22 +276,51 @@ def client_steps(train: TrainConfig, num_examples: int) -> int:
     return max(1, round(train.local_epochs * per_epoch))
 
 
-def batch_indices(num_examples: int, train: TrainConfig, seed: int) -> Iterator[np.ndarray]:
+def batch_indices(shard: ClientData, train: TrainConfig, seed: int) -> Iterator[np.ndarray]:
     """The client's minibatches: ``local_steps`` batches, or ``local_epochs`` passes.
 
     Examples are drawn without replacement from a fresh seeded permutation each epoch; a
-    client with fewer examples than the batch size uses all of them per batch.
+    client with fewer examples than the batch size uses all of them per batch. With
+    ``train.bucket_by_length`` each epoch's batches are formed from examples of similar
+    length instead (``length_buckets``), so that a batch padded to its longest wastes little.
     """
+    num_examples = len(shard)
     rng = np.random.default_rng(seed)
     size = min(train.batch_size, num_examples)
     steps = client_steps(train, num_examples)
-    order = rng.permutation(num_examples)
-    cursor = 0
+    lengths = np.array([len(s) for s in shard.seqs]) if train.bucket_by_length else None
+    epoch: list[np.ndarray] = []
     for _ in range(steps):
-        if cursor + size > num_examples:
-            order, cursor = rng.permutation(num_examples), 0
-        yield order[cursor : cursor + size]
-        cursor += size
+        if not epoch:
+            order = rng.permutation(num_examples)
+            epoch = (
+                [order[i : i + size] for i in range(0, num_examples - size + 1, size)]
+                if lengths is None
+                else length_buckets(order, lengths, size, rng)
+            )
+        yield epoch.pop(0)
+
+
+# Examples sorted by length within windows of this many batches (a seeded share of the shard,
+# not the whole of it: batches still mix examples from all over the shard).
+BUCKET_WINDOW = 50
+
+
+def length_buckets(
+    order: np.ndarray, lengths: np.ndarray, size: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """One epoch's batches of similar-length examples: the permutation ``order`` cut into
+    windows of ``BUCKET_WINDOW`` batches, each window sorted by length (stable) and cut into
+    batches of ``size``, then the batches in a seeded random order. Like the plain epoch,
+    the last ``len(order) % size`` examples of the permutation sit this epoch out."""
+    usable = order[: len(order) - len(order) % size]
+    batches = []
+    window = size * BUCKET_WINDOW
+    for start in range(0, len(usable), window):
+        chunk = usable[start : start + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
+    return [batches[int(i)] for i in rng.permutation(len(batches))]
 
 
 def local_train(
@@ -315,7 +344,7 @@ def local_train(
     optimizer = make_optimizer(params, ctx.train)
     losses = [
         ctx.meter.train_step(model, optimizer, shard.batch(index))
-        for index in batch_indices(len(shard), ctx.train, seed)
+        for index in batch_indices(shard, ctx.train, seed)
     ]
     return {"train_loss": float(np.mean(losses)), "steps": float(len(losses))}
 

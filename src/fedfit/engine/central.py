@@ -143,7 +143,7 @@ def _run_central(config: Config, folder: RunFolder, progress: ProgressFn | None)
         else:
             losses = [
                 meter.train_step(model, optimizer, pooled.batch(index))
-                for index in batch_indices(len(pooled), chunk, seed)
+                for index in batch_indices(pooled, chunk, seed)
             ]
         steps_taken += len(losses)
         row: dict[str, Any] = {

@@ -120,7 +120,7 @@ class FedFGD(Algorithm):
             ctx.meter.train_step(
                 model, optimizer, shard.batch(index), step=step, kind=self.step_kind()
             )
-            for index in batch_indices(len(shard), ctx.train, task.seed)
+            for index in batch_indices(shard, ctx.train, task.seed)
         ]
         payload = {n: p.detach().clone() for n, p in params.items()}
         metrics = {"train_loss": float(np.mean(losses)), "steps": float(len(losses))}

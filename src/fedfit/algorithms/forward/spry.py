@@ -158,7 +158,7 @@ class Spry(FedFGD):
             jvps.extend(values)
             return loss
 
-        index = next(batch_indices(len(shard), ctx.train, task.seed))
+        index = next(batch_indices(shard, ctx.train, task.seed))
         loss = ctx.meter.train_step(
             model,
             NoStepOptimizer(list(params.values())),

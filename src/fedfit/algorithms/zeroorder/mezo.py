@@ -105,7 +105,7 @@ def metered_steps(
     model.eval()  # no dropout: the +/- passes must probe one function (module docstring)
     idle = NoStepOptimizer(list(trained(model).values()))
     losses = []
-    for t, index in enumerate(batch_indices(len(shard), ctx.train, seed)):
+    for t, index in enumerate(batch_indices(shard, ctx.train, seed)):
         step = step_for(t)
         losses.append(ctx.meter.train_step(model, idle, shard.batch(index), step=step, kind=kind))
     return losses
