@@ -28,6 +28,37 @@ TINY_RUN = [
 ]
 
 
+# The tiny random model of each zoo family.
+TINY_MODEL = {"bert": "tiny-bert", "llama": "tiny-llama"}
+
+
+def tiny_sizes(config: Config) -> list[str]:
+    """Overrides that shrink ``config``'s run to one round of tiny steps, keeping its setting
+    (method and options, task, data): short sequences, 16 examples per client, one local step;
+    a zoo model becomes the tiny one of its family (the client counts are the caller's)."""
+    from fedfit.models import get_model_info
+    from fedfit.models.checkpoints import is_path
+
+    sets = [
+        "model.max_length=32",
+        "data.max_examples=16",
+        "data.eval_examples=24",
+        "train.local_steps=1",
+        "train.batch_size=4",
+        "train.eval_batch_size=24",
+        "run.rounds=1",
+        "run.eval_every=1",
+    ]
+    if not is_path(config.model.name):
+        tiny = TINY_MODEL[get_model_info(config.model.name).family]
+        sets.append(f"model.name={tiny}")
+        if getattr(config.method.options, "split", None):  # a block of the real model
+            sets.append(f"method.split={get_model_info(tiny).num_layers}")  # the tiny one's top
+    if config.model.head_init_clients > 0:
+        sets.append("model.head_init_clients=2")
+    return sets
+
+
 def tiny_run_config(tmp_path: Path, *extra: str, base: list[str] = TINY_RUN) -> Config:
     """``base`` (TINY_RUN) writing under ``tmp_path``, then ``extra`` overrides."""
     return load_config(None, [*base, f"run.output_dir={tmp_path}", *extra])

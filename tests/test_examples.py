@@ -17,11 +17,9 @@ import pytest
 from fedfit.config import Config, load_config
 from fedfit.engine.experiment import run
 from fedfit.engine.runfolder import RunFolder
-from fedfit.models import get_model_info
-from tests.helpers import read_rows
+from tests.helpers import read_rows, tiny_sizes
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.toml"))
-TINY_MODEL = {"bert": "tiny-bert", "llama": "tiny-llama"}
 
 
 def header(path: Path) -> str:
@@ -52,30 +50,8 @@ def test_example_parses_and_its_header_names_its_command(path: Path) -> None:
 
 def tiny_overrides(config: Config, tmp_path: Path) -> list[str]:
     """Overrides that shrink ``config`` to one round on a tiny model, keeping its setting."""
-    family = get_model_info(config.model.name).family
-    tiny = TINY_MODEL[family]
-    overrides = [
-        f"model.name={tiny}",
-        "model.max_length=32",
-        "data.num_clients=8",
-        "data.clients_per_round=2",
-        "data.max_examples=16",
-        "data.min_examples=10",
-        "data.eval_examples=24",
-        "train.local_steps=1",
-        "train.batch_size=4",
-        "train.eval_batch_size=24",
-        "run.rounds=1",
-        "run.eval_every=1",
-        f"run.output_dir={tmp_path}",
-    ]
-    options = config.method.options
-    split = getattr(options, "split", None)
-    if split is not None and split > 0:  # a block index of the real model: the tiny one's top
-        overrides.append(f"method.split={get_model_info(tiny).num_layers}")
-    if config.model.head_init_clients > 0:
-        overrides.append("model.head_init_clients=2")
-    return overrides
+    clients = ["data.num_clients=8", "data.clients_per_round=2", "data.min_examples=10"]
+    return [*tiny_sizes(config), *clients, f"run.output_dir={tmp_path}"]
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

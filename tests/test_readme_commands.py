@@ -27,12 +27,11 @@ import pytest
 from fedfit.cli import main, parser
 from fedfit.config import load_config
 from fedfit.engine.experiment import run
-from fedfit.models import ModelNotAvailable, get_model_info, sources
-from fedfit.models.checkpoints import is_path
+from fedfit.models import ModelNotAvailable, sources
+from tests.helpers import tiny_sizes
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-TINY_MODEL = {"bert": "tiny-bert", "llama": "tiny-llama"}
 EXAMPLE = "examples/default.toml"  # the config of the run folders a command reads
 # Commands that cannot run in a test, and why (matched as substrings of the command).
 SKIPPED = {
@@ -95,27 +94,12 @@ def shrink(argv: list[str]) -> list[str]:
     data = config.data
     secure = config.server.secure_aggregation != "none"
     sets = [
-        "model.max_length=32",
+        *tiny_sizes(config),
         f"data.num_clients={min(data.num_clients, 4)}",
         # SecAgg+ needs 3 clients per round (with 2, each learns the other's upload)
         f"data.clients_per_round={min(data.clients_per_round, 3 if secure else 2)}",
-        "data.max_examples=16",
         f"data.min_examples={min(data.min_examples, 10)}",
-        "data.eval_examples=24",
-        "train.local_steps=1",
-        "train.batch_size=4",
-        "train.eval_batch_size=24",
-        "run.rounds=1",
-        "run.eval_every=1",
     ]
-    if not is_path(config.model.name):  # a zoo model: the tiny one of its family
-        tiny = TINY_MODEL[get_model_info(config.model.name).family]
-        sets.append(f"model.name={tiny}")
-        split = getattr(config.method.options, "split", None)
-        if split:  # a block index of the real model: the tiny one's top
-            sets.append(f"method.split={get_model_info(tiny).num_layers}")
-    if config.model.head_init_clients > 0:
-        sets.append("model.head_init_clients=2")
     return [*argv, *(f"--set={s}" for s in sets)]
 
 

@@ -179,12 +179,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _central(config_path: str | Path | None, overrides: Sequence[str], overwrite: bool) -> int:
     from fedfit.config import load_config
-    from fedfit.engine.central import run_central
+    from fedfit.engine.central import central_config, run_central
+    from fedfit.engine.runfolder import RunFolder
 
     config = load_config(config_path, overrides)
-    # run_central writes the sibling folder NAME-central
-    run_dir = Path(config.run.output_dir) / f"{config.run.name}-central"
-    _check_writable(run_dir, "run.output_dir")
+    _check_writable(RunFolder.of(central_config(config)).path, "run.output_dir")
     bar, update = _progress_bar(f"central {config.method.name} on {config.data.name}")
     with bar:
         run_dir = run_central(config, overwrite=overwrite, progress=update)
@@ -514,7 +513,12 @@ def parser() -> argparse.ArgumentParser:
 
 def cmd_flower(args: argparse.Namespace) -> int:
     from fedfit.config import load_config
-    from fedfit.engine.executors.flower import deploy_commands, deploy_local, write_app
+    from fedfit.engine.executors.flower import (
+        deploy_commands,
+        deploy_local,
+        deployed_folder,
+        write_app,
+    )
 
     config = load_config(args.config, args.set)
     if args.action == "app":
@@ -530,7 +534,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
             f'  address = "127.0.0.1:{port}"\n  insecure = true'
         )
         return 0
-    args.run_dir = Path(config.run.output_dir).expanduser().resolve() / config.run.name
+    args.run_dir = deployed_folder(config).path
     _check_writable(args.run_dir, "run.output_dir")
     run_dir = deploy_local(config, args.dir, overwrite=args.overwrite)
     _final_line(run_dir)

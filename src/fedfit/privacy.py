@@ -29,7 +29,6 @@ Flower's secure aggregation are refused with a ConfigError that says why.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -37,6 +36,7 @@ import torch
 
 from fedfit.engine.seeds import derive_seed
 from fedfit.errors import ConfigError, check
+from fedfit.robust import change_of
 
 _SALT = 0xD9
 
@@ -103,11 +103,7 @@ def dp_mean(
     gradients as the noisy mean gradient."""
     total = {n: torch.zeros(t.shape, dtype=torch.float64) for n, t in reference.items()}
     for payload in payloads:
-        change = {
-            n: t.to(torch.float64) - (0 if gradients else reference[n].to(torch.float64))
-            for n, t in payload.items()
-        }
-        norm = math.sqrt(sum(float((c * c).sum()) for c in change.values()))
+        change, norm = change_of(payload, None if gradients else reference)
         scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
         for n, c in change.items():
             total[n] += scale * c

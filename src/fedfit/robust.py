@@ -46,14 +46,20 @@ def weighted_mean(payloads: Sequence[Payload], weights: Sequence[float]) -> dict
     return {n: s / totals[n] for n, s in sums.items()}
 
 
-def clip(payload: Payload, reference: Payload | None, max_norm: float) -> dict[str, torch.Tensor]:
-    """``payload`` with its change against ``reference`` (the payload itself when None)
-    scaled down to L2 norm ``max_norm`` over all its tensors."""
+def change_of(payload: Payload, reference: Payload | None) -> tuple[dict[str, torch.Tensor], float]:
+    """``payload``'s change against ``reference`` (the payload itself when None), in float64,
+    and its L2 norm over all its tensors."""
     change = {
         n: t.to(torch.float64) - (0 if reference is None else reference[n].to(torch.float64))
         for n, t in payload.items()
     }
-    norm = math.sqrt(sum(float((c * c).sum()) for c in change.values()))
+    return change, math.sqrt(sum(float((c * c).sum()) for c in change.values()))
+
+
+def clip(payload: Payload, reference: Payload | None, max_norm: float) -> dict[str, torch.Tensor]:
+    """``payload`` with its change against ``reference`` (the payload itself when None)
+    scaled down to L2 norm ``max_norm`` over all its tensors."""
+    change, norm = change_of(payload, reference)
     if norm <= max_norm:
         return {n: t.to(torch.float64) for n, t in payload.items()}
     scale = max_norm / norm

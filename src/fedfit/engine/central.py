@@ -80,13 +80,18 @@ def _estimator_chunk(
     return state, [float(update.metrics.get("train_loss", np.nan))] * steps
 
 
+def central_config(config: Config) -> Config:
+    """The federated run's config for its centralised reference: run name ``NAME-central``."""
+    return dataclasses.replace(
+        config, run=dataclasses.replace(config.run, name=f"{config.run.name}-central")
+    )
+
+
 def run_central(
     config: Config, *, overwrite: bool = False, progress: ProgressFn | None = None
 ) -> Path:
     """Train on the pooled data with the federated run's step budget; returns the run folder."""
-    config = dataclasses.replace(
-        config, run=dataclasses.replace(config.run, name=f"{config.run.name}-central")
-    )
+    config = central_config(config)
     with RunFolder.of(config).lock() as folder:
         if folder.path.exists() and any(folder.path.iterdir()) and not overwrite:
             raise RunExistsError(f"{folder.path} already exists: use --overwrite to replace it")

@@ -43,6 +43,16 @@ class ClientResult:
     row: dict[str, Any]
 
 
+# The measured part of a clients.jsonl row of a client that did no work (it dropped out).
+NO_WORK: dict[str, Any] = {
+    "num_examples": 0,
+    "steps": 0,
+    "train_loss": None,
+    "upload_bytes": 0,
+    "flops": 0,
+    "peak_memory_bytes": None,
+}
+
 # The client side of a round: (state, the round's clients, their tasks) -> results in order.
 ClientRunner = Callable[[ServerState, list[int], list[ClientTask]], list[ClientResult]]
 

@@ -55,7 +55,7 @@ from flwr.serverapp import Grid  # noqa: E402
 from fedfit.algorithms import make_algorithm  # noqa: E402
 from fedfit.algorithms.base import ClientTask, Update  # noqa: E402
 from fedfit.config import Config, ConfigError  # noqa: E402
-from fedfit.engine.client import ClientResult, ClientSide  # noqa: E402
+from fedfit.engine.client import NO_WORK, ClientResult, ClientSide  # noqa: E402
 from fedfit.engine.flower_context import NODE_WAIT_S, REPLY_TIMEOUT_S  # noqa: E402
 from fedfit.engine.server import OpenRound, Server  # noqa: E402
 from fedfit.engine.setup import model_fingerprint  # noqa: E402
@@ -356,12 +356,7 @@ def masked_reply(
 
 def _dropped_row(round_: int) -> dict[str, Any]:
     return {
-        "num_examples": 0,
-        "steps": 0,
-        "train_loss": None,
-        "upload_bytes": 0,
-        "flops": 0,
-        "peak_memory_bytes": None,
+        **NO_WORK,
         "memory": {},
         "wall_s": 0.0,
         "error": f"no masked vector in round {round_}: it dropped out of SecAgg+",

@@ -35,7 +35,7 @@ import numpy as np
 
 from fedfit.algorithms.base import ClientTask, ServerState, load_tensors_
 from fedfit.devices import Budget
-from fedfit.engine.client import ClientResult, ClientRunner
+from fedfit.engine.client import NO_WORK, ClientResult, ClientRunner
 from fedfit.engine.runfolder import CLIENTS, ROUNDS, TIMING, RunFolder
 from fedfit.engine.seeds import derive_seed
 from fedfit.engine.setup import RunSetup, evaluate, majority_baseline
@@ -288,12 +288,7 @@ class Server:
         return {
             "round": round_,
             "client_id": cid,
-            "num_examples": 0,
-            "steps": 0,
-            "train_loss": None,
-            "upload_bytes": 0,
-            "flops": 0,
-            "peak_memory_bytes": None,
+            **NO_WORK,
             "download_bytes": download_bytes,
             "dropped": why,
             **self.assigned(cid),

@@ -552,6 +552,12 @@ def simulate(
 # ------------------------------------------------------------------ deployment
 
 
+def deployed_folder(config: Config) -> RunFolder:
+    """The run folder of a deployment: ``run.output_dir`` made absolute (the SuperLink's
+    working directory is not the caller's), then ``run.name``."""
+    return RunFolder(Path(config.run.output_dir).expanduser().resolve() / config.run.name)
+
+
 def write_app(config: Config, app_dir: str | Path, overwrite_run: bool = False) -> Path:
     """A Flower App folder for ``flwr run``: pyproject.toml naming fedfit's ServerApp and
     ClientApp, the fedfit config (run.output_dir made absolute) in its run config."""
@@ -670,7 +676,7 @@ def deploy_local(
     (FLWR_HOME) go to ``work_dir``. Returns the run folder."""
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    folder = RunFolder(Path(config.run.output_dir).expanduser().resolve() / config.run.name)
+    folder = deployed_folder(config)
     run_dir = folder.path
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{run_dir} already exists: pass overwrite=True (--overwrite)")
