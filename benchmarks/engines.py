@@ -12,7 +12,11 @@ length 64, server FedAvg; one evaluation, at the last round, on 300 held-out twe
 
 Engines, each in its own subprocess (a fresh interpreter: start-up and memory are honest):
 
-- local: ``fedfit run`` in process (torch's default threads);
+- local: ``fedfit run`` in process (torch's default threads), fedfit's defaults;
+- local-fast: the same executor with its speed options, ``run.lanes = 2`` (two forked lanes of
+  one torch thread each train a round's clients side by side, engine/lanes.py) and
+  ``train.bucket_by_length = true`` (length-bucketed minibatches: less padding, other batch
+  composition, so its tensors differ from local's);
 - ray: ``fedfit run --executor ray --workers N`` (one torch thread per actor);
 - flower: ``fedfit run --executor flower --workers N`` (Flower's simulation runtime);
 - floor: a bare loop (benchmarks/engine_workers.py ``--floor-worker``) on the run fedfit's own
@@ -64,7 +68,8 @@ from fedfit.engine.runfolder import CHECKPOINT, RunFolder
 
 FULL = {"rounds": 3, "clients_per_round": 4, "eval_examples": 300, "scales": "1,10"}
 QUICK = {"rounds": 1, "clients_per_round": 2, "eval_examples": 64, "scales": "1"}
-ENGINES = ("local", "ray", "flower", "floor")
+ENGINES = ("local", "local-fast", "ray", "flower", "floor")
+FAST = ["run.lanes=2", "train.bucket_by_length=true"]  # local-fast's options
 MATMUL_SIZES = (1024, 2048, 3072)
 
 
@@ -107,9 +112,9 @@ def fedfit_cmd(engine: str, sets: list[str], workers: int) -> list[str]:
     if not exe.exists():
         raise FileNotFoundError(f"{exe}: fedfit's CLI is not installed in this environment")
     cmd = [str(exe), "run", str(DEFAULT_TOML)]
-    for s in sets:
+    for s in [*sets, *(FAST if engine == "local-fast" else [])]:
         cmd += ["--set", s]
-    if engine != "local":
+    if engine not in ("local", "local-fast"):
         cmd += ["--executor", engine, "--workers", str(workers)]
     return cmd
 
@@ -161,6 +166,12 @@ def run_engine(engine: str, args: argparse.Namespace, rounds: int, work: Path) -
             clients=[r["clients"] for r in folder.rounds() if r["round"] > 0],
             steps=sum(c["steps"] for c in clients),
             fedfit_flops=sum(c["flops"] for c in clients),
+            client_updates=sum(1 for c in clients if c["round"] > 0 and c["steps"] > 0),
+            # the cost meter's instrumented steps and their whole wall time (an upper bound
+            # on what metering cost; per process: each actor and lane has its own meter)
+            measured_steps=sum(c.get("measured_steps", 0) for c in clients),
+            meter_s=sum(c.get("measured_s", 0.0) for c in clients),
+            client_s=sum(c.get("wall_s", 0.0) for c in clients),
             params_file=str(folder.file(CHECKPOINT)),
         )
     row["outside_loop_s"] = row["wall_s"] - row["train_s"] - row["eval_s"]
@@ -296,6 +307,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="skip the untimed floor run that warms caches first",
     )
     parser.add_argument("--out", help="output stem (default benchmarks/results/engines)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows of the --out JSON whose run folders are still in --work-dir and "
+        "run only the missing (engine, rounds) pairs",
+    )
     parser.add_argument("--work-dir", help="run folders and logs (default: a temp folder)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 round, 2 clients")
     args = parser.parse_args(argv)
@@ -309,6 +326,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.scales = [int(s) for s in str(args.scales).split(",") if s.strip()]
     if not args.scales or min(args.scales) < 1:
         parser.error("--scales: positive integers, e.g. 1,10")
+    if args.resume and not args.work_dir:
+        parser.error("--resume needs the --work-dir of the run it continues")
     args.work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="fedfit-engines-"))
     if args.out is None:
         from common import RESULTS
@@ -359,7 +378,14 @@ def main(argv: list[str] | None = None) -> None:
         write_outputs(result, out, markdown, plot)
 
     log(f"work folder {work}; results to {out}.md/.json/.png")
-    result["matmul"]["before"] = matmul_peak(args, work, "before")
+    done: list[dict[str, Any]] = []
+    if args.resume and out.with_suffix(".json").exists():
+        previous = json.loads(out.with_suffix(".json").read_text())
+        done = [r for r in previous["rows"] if Path(r["params_file"]).exists()]
+        result["matmul"] = previous["matmul"]
+        log(f"resuming: {len(done)} engine runs kept from {out}.json")
+    if "before" not in result["matmul"]:
+        result["matmul"]["before"] = matmul_peak(args, work, "before")
     result["machine"] = machine_info(result["matmul"]["before"])
     if not args.no_warmup:
         # Untimed: fills the tokenised-data cache and the OS page cache for every engine alike.
@@ -390,7 +416,8 @@ def main(argv: list[str] | None = None) -> None:
         log(f"{rounds} rounds (elapsed {time.perf_counter() - t_start:.0f} s)")
         at: list[dict[str, Any]] = []
         for engine in args.engines:
-            at.append(run_engine(engine, args, rounds, work))
+            kept = [r for r in done if (r["engine"], r["rounds"]) == (engine, rounds)]
+            at.append(kept[0] if kept else run_engine(engine, args, rounds, work))
             result["rows"] = [r for r in result["rows"] if r["rounds"] != rounds] + at
             save()
         compare_params(at)

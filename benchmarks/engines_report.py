@@ -11,11 +11,22 @@ from __future__ import annotations
 import json
 from typing import Any
 
-GOALS = {  # ratio -> (goal, "<=" or ">=")
-    "local/floor": (1.05, "<="),
-    "flower/local": (1.6, ">="),
-    "achieved/peak": (0.5, ">="),
+GOALS = {  # ratio -> (goal, "<=" or ">="); fedfit issue 17
+    "local/floor": (0.7, "<="),  # the round loop
+    "local-fast/floor": (0.7, "<="),
+    "flower/local": (1.6, ">="),  # end to end and the round loop
+    "flower/local-fast": (1.6, ">="),
+    "achieved/peak": (0.6, ">="),
+    "executed/useful": (1.1, "<="),
 }
+PAIRS = (
+    ("local", "floor"),
+    ("local-fast", "floor"),
+    ("local-fast", "local"),
+    ("flower", "local"),
+    ("flower", "local-fast"),
+    ("ray", "local"),
+)
 
 
 def useful_flops(lengths: dict[str, int], per_length: dict[str, int]) -> int:
@@ -42,15 +53,28 @@ def summarise(result: dict[str, Any]) -> None:
     peak = max(peaks) * 1e9 if peaks else None
     result["matmul_peak_flops"] = peak
     lengths_by_rounds = {int(k): v["lengths"] for k, v in result.get("replays", {}).items()}
-    # Every engine runs the same padded batches: fedfit's measured FLOPs are what each executed.
-    executed = {r["rounds"]: r["fedfit_flops"] for r in rows if r["fedfit_flops"]}
+    # fedfit's measured client FLOPs are what an engine executed (its padded batches); the
+    # floor runs the local executor's batches.
+    executed = {
+        r["rounds"]: r["fedfit_flops"] for r in rows if r["engine"] == "local" and r["fedfit_flops"]
+    }
     for r in rows:
-        if r["rounds"] in executed:
-            r["executed_flops_loop"] = executed[r["rounds"]] / r["train_s"]
+        ran = r["fedfit_flops"] or executed.get(r["rounds"])
+        if ran:
+            r["executed_flops"] = ran
+            r["executed_flops_loop"] = ran / r["train_s"]
+        if r.get("client_updates"):
+            r["clients_per_s_loop"] = r["client_updates"] / r["train_s"]
+            r["clients_per_s_e2e"] = r["client_updates"] / r["wall_s"]
+        r["rounds_per_hour"] = 3600 * r["rounds"] / r["wall_s"]
+        if r.get("meter_s") is not None and r.get("client_s"):
+            r["meter_share"] = r["meter_s"] / r["client_s"]
         lengths = lengths_by_rounds.get(r["rounds"])
         if per_length is None or lengths is None:
             continue
         r["useful_flops"] = useful_flops(lengths, per_length)
+        if ran:
+            r["executed_per_useful"] = ran / r["useful_flops"]
         r["achieved_flops_loop"] = r["useful_flops"] / r["train_s"]
         r["achieved_flops_e2e"] = r["useful_flops"] / r["wall_s"]
         if peak:
@@ -59,14 +83,19 @@ def summarise(result: dict[str, Any]) -> None:
     ratios = []
     for rounds in sorted({r["rounds"] for r in rows}):
         at = {r["engine"]: r for r in rows if r["rounds"] == rounds}
-        for num, den in (("local", "floor"), ("flower", "local"), ("ray", "local")):
+        for num, den in PAIRS:
             if num in at and den in at:
                 for what, key in (
                     ("round loop", "train_s"),
                     ("end to end", "wall_s"),
                     ("peak RSS", "peak_rss_sum_bytes"),
+                    ("peak PSS", "peak_pss_sum_bytes"),
                 ):
-                    goal = GOALS.get(f"{num}/{den}") if key != "peak_rss_sum_bytes" else None
+                    goal = GOALS.get(f"{num}/{den}") if key in ("train_s", "wall_s") else None
+                    if not at[num].get(key) or not at[den].get(key):
+                        continue
+                    if den == "floor" and key != "train_s":
+                        goal = None  # the goal against the floor is on the round loop
                     ratios.append(
                         _ratio(f"{num}/{den}", what, rounds, at[num][key] / at[den][key], goal)
                     )
@@ -79,6 +108,16 @@ def summarise(result: dict[str, Any]) -> None:
                         rounds,
                         r["peak_fraction_loop"],
                         GOALS["achieved/peak"],
+                    )
+                )
+            if "executed_per_useful" in r and engine != "floor":
+                ratios.append(
+                    _ratio(
+                        f"{engine} executed/useful",
+                        "FLOPs",
+                        rounds,
+                        r["executed_per_useful"],
+                        GOALS["executed/useful"],
                     )
                 )
     result["ratios"] = ratios
@@ -145,6 +184,10 @@ def _g(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x / 1e9:.{digits}f}"
 
 
+def _x(x: float | None, digits: int = 2, unit: str = "x") -> str:
+    return "-" if x is None else f"{x:.{digits}f}{unit}"
+
+
 def _md_table(header: str, rows: list[list[Any]]) -> list[str]:
     """A markdown table (``header``: column names joined by " | "), then a blank line."""
     width = len(header.split(" | "))
@@ -177,7 +220,9 @@ def markdown(result: dict[str, Any]) -> str:
         "clients, aggregation), evaluation apart; outside = end to end - loop - eval (imports, "
         "model and data load, Ray/Flower start and stop, plots). Peak RSS: summed over the "
         "process tree every 0.1 s (shared library pages count once per process, so the sum "
-        "overstates what the tree really holds). Useful FLOPs: training steps on real tokens "
+        "overstates what the tree really holds); peak PSS: the same with each shared page split "
+        "between the processes that share it (what the tree holds; fork's copy-on-write pages, "
+        "the lanes' shared backbone, count once). Useful FLOPs: training steps on real tokens "
         "(no padding); achieved = useful FLOPs / time; executed GFLOP/s counts the padded "
         "batches every engine really runs (fedfit's measured client FLOPs).",
         "",
@@ -209,15 +254,21 @@ def markdown(result: dict[str, Any]) -> str:
             line += f"; {first['steps']} client steps"
             if replay:
                 line += (
-                    f", of which fedfit's cost meter instruments {replay['meter_measured_steps']}"
-                    " (the first step of each batch shape, with and without optimiser state; "
-                    "per process: each Ray/Flower actor has its own meter)"
+                    "; fedfit's cost meter instruments "
+                    + ", ".join(
+                        f"{r['engine']} {r['measured_steps']}"
+                        for r in at
+                        if r.get("measured_steps") is not None
+                    )
+                    + " of them (per process: each Ray/Flower actor and each lane has its own "
+                    "meter; engine/meter.py)"
                 )
             out += [line + ".", ""]
         header = (
-            "engine | end to end | round loop | eval | outside | peak RSS (tree) | largest "
-            "process | procs | GFLOP/s loop | GFLOP/s e2e | loop / peak | executed GFLOP/s loop "
-            "| accuracy | max abs diff vs ref | max abs update"
+            "engine | end to end | round loop | eval | outside | peak RSS (tree) | peak PSS (tree) "
+            "| largest process | procs | GFLOP/s loop | GFLOP/s e2e | loop / peak | executed GFLOP/s loop "
+            "| executed / useful FLOPs | client updates/s loop | client updates/s e2e | rounds/h "
+            "| meter share of client time | accuracy | max abs diff vs ref | max abs update"
         )
         cells = []
         for r in at:
@@ -232,12 +283,18 @@ def markdown(result: dict[str, Any]) -> str:
                     f"{r['eval_s']:.1f} s",
                     f"{r['outside_loop_s']:.1f} s",
                     _mib(r.get("peak_rss_sum_bytes")),
+                    _mib(r.get("peak_pss_sum_bytes")),
                     _mib(r.get("peak_rss_single_bytes")),
                     r.get("processes_max", "-"),
                     _g(r.get("achieved_flops_loop")),
                     _g(r.get("achieved_flops_e2e")),
                     "-" if frac is None else f"{frac:.2f}",
                     _g(r.get("executed_flops_loop")),
+                    _x(r.get("executed_per_useful")),
+                    _x(r.get("clients_per_s_loop"), 3, ""),
+                    _x(r.get("clients_per_s_e2e"), 3, ""),
+                    f"{r['rounds_per_hour']:.0f}",
+                    "-" if r.get("meter_share") is None else f"{r['meter_share']:.1%}",
                     f"{r['accuracy']:.4f}",
                     diff,
                     update,

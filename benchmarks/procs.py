@@ -34,6 +34,9 @@ class RssSampler(threading.Thread):
         self.seen: dict[int, Any] = {}  # pid -> psutil.Process (kept to kill leftovers safely)
         self.labels: dict[int, str] = {}  # pid -> its command line, as first seen
         self.peak_sum = self.peak_single = self.max_procs = self.samples = 0
+        # PSS: a page shared by k processes counts 1/k in each (fork's copy-on-write pages,
+        # shared libraries), so the sum is what the tree really holds
+        self.peak_pss_sum = 0
         self.peak_single_name = ""
         self.cpu_s = 0.0
         self.at_peak: list[str] = []
@@ -49,10 +52,11 @@ class RssSampler(threading.Thread):
 
     def sample(self) -> None:
         procs = [self.root, *self.root.children(recursive=True)]
-        total, sizes = 0, []
+        total, pss, sizes = 0, 0, []
         for p in procs:
             try:
                 rss = p.memory_info().rss
+                pss += getattr(p.memory_full_info(), "pss", 0)
             except psutil.Error:
                 continue
             if p.pid not in self.seen:
@@ -60,6 +64,7 @@ class RssSampler(threading.Thread):
             total += rss
             sizes.append((rss, p))
         self.samples += 1
+        self.peak_pss_sum = max(self.peak_pss_sum, pss)
         self.max_procs = max(self.max_procs, len(sizes))
         if total > self.peak_sum:
             self.peak_sum = total
@@ -145,6 +150,7 @@ def run_measured(cmd: list[str], log_path: Path, timeout_s: float) -> dict[str, 
         out.update(
             peak_rss_sum_bytes=sampler.peak_sum,
             peak_rss_single_bytes=sampler.peak_single,
+            peak_pss_sum_bytes=sampler.peak_pss_sum,
             peak_rss_single=sampler.peak_single_name,
             processes_max=sampler.max_procs,
             processes_at_peak=sampler.at_peak[:12],

@@ -4,6 +4,9 @@ same rounds.jsonl, so a change of the engine's shape cannot change what a run co
 The files under tests/engine/pinned/ were written by the engine as it stood at commit b15e009
 (``engine/local.py``'s loop) for the configs below. Integers, strings and lists must match
 exactly; floats to 1e-6 (relative), the width of BLAS differences between machines.
+One correction since: spry's client FLOPs (issue 17), which the meter had reported for every
+client as the first client's share (its cache key missed which tensors a forward-gradient
+step trains); tests/engine/test_meter.py checks the new figures against FlopCounterMode.
 """
 
 from __future__ import annotations

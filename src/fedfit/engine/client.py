@@ -37,7 +37,8 @@ from fedfit.engine.setup import RunSetup, build, model_fingerprint
 class ClientResult:
     """What the client side of one client's round hands back to the server: the update as
     the server receives it (after the channel) and the measured part of its clients.jsonl row
-    (num_examples, steps, train_loss, upload_bytes, flops, peak_memory_bytes, memory, wall_s)."""
+    (num_examples, steps, train_loss, upload_bytes, flops, peak_memory_bytes, memory, wall_s,
+    and the cost meter's measured_steps and measured_s)."""
 
     update: Update
     row: dict[str, Any]
@@ -94,6 +95,8 @@ def run_client(
         "peak_memory_bytes": memory.get("peak_bytes"),
         "memory": memory,
         "wall_s": round(wall, 4),
+        "measured_steps": meter.measured_steps,
+        "measured_s": round(meter.measured_s, 4),
     }
     if attack is not None and attacks:
         row["attack"] = attack.kind

@@ -29,6 +29,13 @@ class RunConfig:
     workers: int = field(
         default=2, metadata={"help": "Ray actors (executor = ray) or Flower simulation actors"}
     )
+    lanes: int = field(
+        default=1,
+        metadata={
+            "help": "local executor: clients of a round trained side by side in this many "
+            "forked processes (run.threads torch threads each, 1 when 0); results equal lanes = 1"
+        },
+    )
     min_clients: int = field(
         default=1,
         metadata={"help": "fewest valid updates a round aggregates; fewer stop the run"},
@@ -63,6 +70,12 @@ class RunConfig:
         )
         check_choice(self.executor, "run.executor", executor_names())
         check(self.workers >= 1, "run.workers", "must be >= 1")
+        check(self.lanes >= 1, "run.lanes", "must be >= 1")
+        check(
+            self.lanes == 1 or self.executor == "local",
+            "run.lanes",
+            "is the local executor's; Ray and Flower spread clients over run.workers",
+        )
         check(self.min_clients >= 1, "run.min_clients", "must be >= 1")
         check(self.retries >= 0, "run.retries", "must be >= 0")
         check(self.deadline_s >= 0, "run.deadline_s", "must be >= 0 (0 = no deadline)")
