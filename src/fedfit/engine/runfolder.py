@@ -9,7 +9,8 @@
 - ``clients.jsonl``: one object per client per round (measured FLOPs, peak memory by
   category, bytes up and down, wall time, the planner's assignment);
 - ``timing.jsonl``: wall times per round (kept out of rounds.jsonl, which stays
-  deterministic);
+  deterministic); round 0's row also holds ``setup_s``, the seconds the setup's parts took
+  (engine/setup.py ``build``: data, model, tokenize, planning);
 - ``checkpoint.pt``: the server state after the last finished round, written atomically;
 - ``summary.json``: written when the run ends;
 - ``plots/``: written by ``fedfit.report``.

@@ -397,6 +397,8 @@ class Server:
             self.folder.append(CLIENTS, c)
         self.folder.append(ROUNDS, row)
         timing = {"round": round_, "train_s": round(train_s, 3), "eval_s": round(eval_s, 3)}
+        if round_ == 0 and setup.setup_s:
+            timing["setup_s"] = setup.setup_s  # build's parts, inside round 0's wall_s
         self.folder.append(TIMING, {**timing, "wall_s": round(self.wall, 3)})
         self.folder.save_checkpoint(self.state, {"wall_s": self.wall})
         if self.progress:

@@ -7,7 +7,9 @@ shards plus seeds, never model copies. Tokenised data comes from the on-disk cac
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ from fedfit.algorithms.base import Algorithm, ClientData, client_steps
 from fedfit.attack import Attack, make_attack
 from fedfit.config import Config
 from fedfit.data import TextDataset, load_configured, partition, tokenize
-from fedfit.devices import Population, build_population
+from fedfit.devices import Budget, Population, build_population
 from fedfit.engine.channel import Channel
 from fedfit.engine.seeds import derive_seed
 from fedfit.errors import ConfigError
@@ -45,6 +47,8 @@ class RunSetup:
     prior_loss: float | None = None
     # The simulated attackers ([attack], fedfit/attack.py); None when no client attacks.
     attack: Attack | None = None
+    # Seconds ``build`` spent on each part (Stopwatch.seconds): data, model, tokenize, planning.
+    setup_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def eligible(self) -> list[int]:
@@ -60,6 +64,20 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+@dataclass
+class Stopwatch:
+    """Wall seconds per named part of a piece of work: ``lap(name)`` adds the time since the
+    previous lap (or the start) to ``name``."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    last: float = field(default_factory=time.perf_counter)
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self.last, 4)
+        self.last = now
 
 
 def partition_clients(config: Config, dataset: TextDataset) -> list[np.ndarray]:
@@ -90,6 +108,7 @@ def build(config: Config) -> RunSetup:
     """Load data and model, partition, tokenise (cached), prepare the algorithm's model."""
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
+    clock = Stopwatch()
     channel = make_channel(config)  # a bad [compress] fails before anything loads
     dataset = load_configured(config.data, config.run.seed)
     task = dataset.task
@@ -106,6 +125,7 @@ def build(config: Config) -> RunSetup:
             f"data.num_clients = {config.data.num_clients} but the {config.data.partition} "
             f"partition of {dataset.name!r} gives {len(parts)} clients"
         )
+    clock.lap("data")
     model, tokenizer = load_model(
         config.model.name,
         task,
@@ -114,6 +134,7 @@ def build(config: Config) -> RunSetup:
         label_words=config.data.label_words,  # with data.prompt: classify by next-token logits
         class_names=dataset.label_names,
     )
+    clock.lap("model")
     lm = task == "lm"
     pad_id = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
     train_seqs = tokenize(
@@ -149,20 +170,21 @@ def build(config: Config) -> RunSetup:
         pad_id,
         lm,
     )
+    clock.lap("tokenize")
     num_labels = max(2, len(dataset.label_names))
     ctx = cost_context_for(config, model.config, task, num_labels, max(len(s) for s in shards))
     algorithm = make_algorithm(config)
     # prepare may draw initial values (peft's LoRA A) from torch's global generator.
     torch.manual_seed(derive_seed(config.run.seed, 0x5EED))
     model = algorithm.prepare(model, task)
+    clock.lap("model")
     population = build_population(
         config.devices, config.data.num_clients, ctx.reference(), config.run.seed
     )
-    plans = [algorithm.plan(budget, ctx) for budget in population.budgets]
+    plans = plan_population(algorithm, population.budgets, ctx)
     excluded = exclusions(plans)
     algorithm.plan_done(model, plans)
-    for cid, reason in excluded.items():
-        log(f"client {cid} ({population.tier_names[cid]}) excluded: {reason}")
+    log_exclusions(excluded, population.tier_names)
     if excluded:
         log(
             f"{len(excluded)} of {len(plans)} clients excluded: they fit no configuration "
@@ -176,12 +198,14 @@ def build(config: Config) -> RunSetup:
             f"data.clients_per_round = {config.data.clients_per_round}, the fixed number of "
             "clients DP-FedAvg divides by; lower data.clients_per_round"
         )
+    clock.lap("planning")
     prior = None
     if not lm and test.labels is not None:
         from fedfit.engine.head_init import prior_loss
 
         pooled = np.concatenate([s.labels for s in shards if s.labels is not None])
         prior = prior_loss(pooled, test.labels, num_labels)
+    clock.lap("data")
     return RunSetup(
         config,
         dataset,
@@ -197,7 +221,42 @@ def build(config: Config) -> RunSetup:
         channel,
         prior,
         make_attack(config.attack, config.data.num_clients, config.run.seed),
+        clock.seconds,
     )
+
+
+def plan_population(
+    algorithm: Algorithm, budgets: Sequence[Budget], ctx: CostContext
+) -> list[Plan]:
+    """Every client's plan, made once per distinct budget: a plan is a function of the budget
+    and the run's cost context alone (``Algorithm.plan`` reads nothing else), so clients with
+    equal budgets share one (frozen) Plan. A population of 10,000 devices in four tiers costs
+    four plans, not 10,000 (tests/test_population.py checks this against planning each)."""
+    plan_of: dict[Budget, Plan] = {}
+    for budget in budgets:
+        if budget not in plan_of:
+            plan_of[budget] = algorithm.plan(budget, ctx)
+    return [plan_of[budget] for budget in budgets]
+
+
+def log_exclusions(excluded: dict[int, str], tier_names: Sequence[str], shown: int = 5) -> None:
+    """One line per tier and exceeded resource (a reason's first word, ``Budget.fits``) for
+    the clients that fit nothing, with the first ``shown`` ids and the reason (the first
+    client's, when a trace's budgets give each its own); summary.json's ``excluded`` lists
+    every one. A line per client would be 5,000 lines for half of 10,000 clients."""
+    reasons: dict[tuple[str, str], dict[int, str]] = {}
+    for cid, reason in excluded.items():
+        reasons.setdefault((tier_names[cid], reason.split(" ")[0]), {})[cid] = reason
+    for (tier, _), group in reasons.items():
+        cids = list(group)
+        if len(cids) == 1:
+            log(f"client {cids[0]} of tier {tier} excluded: {group[cids[0]]}")
+            continue
+        listed = ", ".join(map(str, cids[:shown])) + (", ..." if len(cids) > shown else "")
+        why = group[cids[0]]
+        if len(set(group.values())) > 1:
+            why = f"e.g. client {cids[0]}: {why}"
+        log(f"{len(cids)} clients ({listed}) of tier {tier} excluded: {why}")
 
 
 def check_head_init(
