@@ -59,6 +59,7 @@ from fedfit.models.structure import embeddings, head_modules, transformer_layers
 from fedfit.planning import CostContext, Plan, first_fit
 
 AGGREGATIONS = ("weighted", "r_weighted")
+CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,20 @@ class LayersOptions:
         default=True,
         metadata={"help": "simulation: reuse outputs of the blocks no device trains"},
     )
+    prefix_cache_mb: float = field(
+        default=1024.0,
+        metadata={
+            "help": "RAM cap of the prefix cache in MiB; least recently visited clients' "
+            "entries are dropped and recomputed (results unchanged); 0 = no cap"
+        },
+    )
+    prefix_cache_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "float32 (exact) | float16 (half the RAM; replayed states rounded, "
+            "results change slightly)"
+        },
+    )
 
     def __post_init__(self) -> None:
         from fedfit.config import ConfigError
@@ -82,6 +97,13 @@ class LayersOptions:
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(
                 f"method.aggregation: {self.aggregation!r} is not one of {', '.join(AGGREGATIONS)}"
+            )
+        if not self.prefix_cache_mb >= 0:  # also NaN
+            raise ConfigError("method.prefix_cache_mb: must be >= 0 (0 = no cap)")
+        if self.prefix_cache_dtype not in CACHE_DTYPES:
+            raise ConfigError(
+                f"method.prefix_cache_dtype: {self.prefix_cache_dtype!r} is not one of "
+                f"{', '.join(CACHE_DTYPES)}"
             )
 
 
@@ -137,13 +159,16 @@ class LayerFineTuning(Algorithm):
         """With every device's depth known, the blocks nobody trains can be cached."""
         deepest = max((p.depth for p in plans if p.ok and p.spec is not None), default=0)
         frozen = len(self.groups) - 1 - (deepest or self.max_depth())
-        self.cache = (
-            PrefixCache(model, frozen) if self.options.prefix_cache and frozen > 0 else None
-        )
-        if self.cache is not None:
+        self.cache = None
+        if self.options.prefix_cache and frozen > 0:
+            max_bytes = int(self.options.prefix_cache_mb * 2**20)
+            dtype = CACHE_DTYPES[self.options.prefix_cache_dtype]
+            self.cache = PrefixCache(model, frozen, max_bytes, dtype)
+            cap = f"at most {self.options.prefix_cache_mb:g} MiB" if max_bytes else "no cap"
             log(
                 f"layers: blocks 0-{frozen - 1} are trained by no device; their outputs are "
-                "cached per example (frozen-prefix cache)"
+                f"cached per example (frozen-prefix cache, {self.options.prefix_cache_dtype}, "
+                f"{cap})"
             )
 
     def configure(

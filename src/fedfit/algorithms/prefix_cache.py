@@ -10,13 +10,31 @@ block list for blocks ``[k, L)`` only, so the prefix is skipped.
 The device still runs the prefix, so its cost is added back honestly: the prefix's forward
 FLOPs and its transient memory are measured (once per batch shape, on a real forward of
 that shape) and its weights counted, and the step's reported figures are those of the whole
-device step. Results equal the uncached run up to float summation order (the cached states
-were computed in a batch with another padding length): tested to 1e-5.
+device step.
+
+Exactness. An example's states depend on the width its batch is padded to only through
+the attention softmax over the padded keys: torch's CPU softmax reduces a row shorter
+than its vector width (16 floats with AVX-512, 8 with AVX2) in a scalar loop and a longer
+row in vector lanes, where masked (padded) keys add exact zeros, so every width >=
+``MIN_WIDTH`` gives the same floats and a narrower one may differ in the last bit (measured
+on minilm-l6 at block 4: up to 6e-6; the matmuls' rows do not depend on the batch). So entries are computed and served only at widths >= ``MIN_WIDTH``;
+a narrower batch runs its prefix as the uncached step does. With float32 entries the cached
+run then equals the uncached one bit for bit on this CPU (tests/algorithms/
+test_prefix_cache.py); on other kernels (GPU, other vector widths) it equals it up to float
+summation order. The replayed states of padding positions are zeros, not the pad token's
+states: nothing real attends to them and their gradient is zero, so nothing changes.
+
+Memory. ``max_bytes`` caps the bytes the stored tensors hold: the least recently visited
+clients' entries are dropped to make room (and recomputed on their next visit, which
+changes nothing but time); an entry that still does not fit is used once and not kept.
+``dtype = torch.float16`` halves the bytes; the replayed states are then rounded to half
+precision, which does change results slightly (benchmarks/results/prefix_cache.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -27,6 +45,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from fedfit.algorithms.base import ClientData
 from fedfit.costs import MemoryTracker, StepMemory
 from fedfit.models.structure import embeddings, hidden_states_at, swapped, transformer_layers
+
+# Narrowest batch whose prefix states are cached or served (see "Exactness" above).
+MIN_WIDTH = 16
 
 
 @dataclass(frozen=True)
@@ -62,14 +83,26 @@ class _Replay(torch.nn.Module):
         return self.hidden
 
 
-class PrefixCache:
-    """Per-example outputs of the embeddings and blocks ``[0, k)``."""
+def nbytes(t: torch.Tensor) -> int:
+    """Bytes of the storage behind ``t``: what keeping it costs."""
+    return t.untyped_storage().nbytes()
 
-    def __init__(self, model: torch.nn.Module, k: int) -> None:
-        self.k = k
-        self.model = model
-        self.store: dict[tuple[int, int], torch.Tensor] = {}
+
+class PrefixCache:
+    """Per-example outputs of the embeddings and blocks ``[0, k)``, per client, least
+    recently visited client evicted first once ``max_bytes`` (0 = no cap) would be passed.
+
+    ``served`` / ``computed`` count example-visits whose states came from the store / from
+    a prefix forward (a batch of a new shape is measured on a full forward, so all of it
+    counts as computed); ``peak_bytes`` is the most the store held."""
+
+    def __init__(
+        self, model: torch.nn.Module, k: int, max_bytes: int = 0, dtype: torch.dtype = torch.float32
+    ) -> None:
+        self.k, self.model, self.max_bytes, self.dtype = k, model, max_bytes, dtype
+        self.store: OrderedDict[int, dict[int, torch.Tensor]] = OrderedDict()
         self.costs: dict[tuple[int, ...], PrefixCost] = {}
+        self.held_bytes = self.peak_bytes = self.served = self.computed = self.evicted = 0
         self.embeddings = embeddings(model)
         self.blocks = list(transformer_layers(model))[:k]
         # Parameters and buffers (position ids ...), as measure_step counts weights.
@@ -84,6 +117,10 @@ class PrefixCache:
     def modules(self) -> list[torch.nn.Module]:
         return [self.embeddings, *self.blocks]
 
+    def stored_bytes(self) -> int:
+        """Bytes held now, summed over the stored tensors' storages."""
+        return sum(nbytes(t) for entries in self.store.values() for t in entries.values())
+
     def _prefix(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Hidden states at the input of block k, in eval mode: the real embeddings and the
         first k blocks, whatever is swapped in at the moment (``replaying``)."""
@@ -95,35 +132,65 @@ class PrefixCache:
         finally:
             self.model.train(was_training)
 
+    def _keep(self, client: int, i: int, states: torch.Tensor) -> None:
+        """Store one entry, evicting least recently visited clients (not ``client``) to
+        stay within ``max_bytes``; an entry that cannot fit is not kept."""
+        if i in self.store[client]:  # recomputed for a new batch shape: the same floats
+            return
+        states = states.to(self.dtype, copy=True)  # its own storage, not a view of the batch
+        size = nbytes(states)
+        if self.max_bytes:
+            while self.held_bytes + size > self.max_bytes and next(iter(self.store)) != client:
+                _, dropped = self.store.popitem(last=False)
+                self.held_bytes -= sum(nbytes(t) for t in dropped.values())
+                self.evicted += 1
+            if self.held_bytes + size > self.max_bytes:
+                return
+        self.store[client][i] = states
+        self.held_bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+
     def batch(
         self, shard: ClientData, index: Sequence[int] | np.ndarray
     ) -> dict[str, torch.Tensor]:
         """The training batch; fills missing cache entries and arms the replay module."""
         index = [int(i) for i in index]
         batch = shard.batch(index)
-        missing = [i for i in index if (shard.client_id, i) not in self.store]
         shape = tuple(batch["input_ids"].shape)
-        if shape not in self.costs:
+        entries = self.store.setdefault(shard.client_id, {})
+        self.store.move_to_end(shard.client_id)  # most recently visited
+        hidden: torch.Tensor | None
+        if shape not in self.costs:  # measured on the whole batch, which it then serves
             with MemoryTracker() as tracker, FlopCounterMode(display=False) as counter:
                 hidden = self._prefix(batch)
             self.costs[shape] = PrefixCost(
                 counter.get_total_flops(), tracker.peak_bytes, self.weights_bytes
             )
-            fresh = dict(zip(index, range(len(index)), strict=True))
-        elif missing:
-            sub = shard.batch(missing)
-            hidden = self._prefix(sub)
-            fresh = {i: j for j, i in enumerate(missing)}
+            fresh = list(range(len(index)))
+        elif shape[1] < MIN_WIDTH:
+            hidden, fresh = self._prefix(batch), list(range(len(index)))
         else:
-            fresh = {}
-        for i, row in fresh.items():
-            if (shard.client_id, i) not in self.store:
-                n = len(shard.seqs[i])
-                self.store[(shard.client_id, i)] = hidden[row, :n].clone()
-        padded = torch.zeros(*shape, self.store[(shard.client_id, index[0])].shape[-1])
-        for row, i in enumerate(index):
-            states = self.store[(shard.client_id, i)]
-            padded[row, : len(states)] = states
+            fresh = [row for row, i in enumerate(index) if i not in entries]
+            # the missing rows at this batch's width, as the uncached step computes them
+            hidden = self._prefix({name: v[fresh] for name, v in batch.items()}) if fresh else None
+        self.computed += len(fresh)
+        self.served += len(index) - len(fresh)
+        if hidden is not None and shape[1] >= MIN_WIDTH:
+            for j, row in enumerate(fresh):
+                self._keep(shard.client_id, index[row], hidden[j, : len(shard.seqs[index[row]])])
+        if hidden is not None and len(fresh) == len(index):
+            padded = hidden
+        else:
+            hidden_size = next(iter(entries.values())).shape[-1]
+            padded = torch.zeros(*shape, hidden_size)  # padding positions: zeros (see "Exactness")
+            if hidden is not None:
+                padded[fresh] = hidden
+            served = set(range(len(index))) - set(fresh)
+            for row in served:
+                states = entries[index[row]]
+                padded[row, : len(states)] = states
+        if self.dtype != torch.float32:  # replay what is stored, also when computed just now
+            padded = padded.to(self.dtype).float()
         self.replay.hidden = padded
         return batch
 
