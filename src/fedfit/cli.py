@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -247,9 +248,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
             table.add_column(col)
         for r in group:
             fits = r.plan.ok
+            trains = r.plan.describe() if fits else f"[red]excluded: {r.plan.reason}[/]"
+            if fits and r.plan.passed:  # method "auto": why the stronger candidates did not fit
+                trains += "".join(f"\n[dim]not {escape(why)}[/]" for why in r.plan.passed)
             table.add_row(
                 r.method,
-                r.plan.describe() if fits else f"[red]excluded: {r.plan.reason}[/]",
+                trains,
                 format_bytes(r.memory),
                 format_flops(r.flops),
                 format_bytes(r.upload),
@@ -556,8 +560,6 @@ def _quiet_libraries() -> None:
 def _error(label: str, text: str) -> None:
     """One line on stderr: the message is escaped (a ``[run]`` in it is text, not markup)
     and not wrapped at the terminal's width."""
-    from rich.markup import escape
-
     console.print(f"[bold red]{label}:[/] {escape(text)}", soft_wrap=True, highlight=False)
 
 

@@ -70,6 +70,9 @@ class Plan:
     spec: TrainSpec | None = None
     estimate: CostEstimate | None = None
     flops_per_round: int = 0
+    # a mixed run (method "auto"): the method chosen, and why each stronger one did not fit
+    method: str = ""
+    passed: tuple[str, ...] = ()
 
     @property
     def depth(self) -> int:
@@ -78,7 +81,8 @@ class Plan:
     def describe(self) -> str:
         if not self.ok or self.spec is None:
             return "excluded"
-        return describe_spec(self.spec)
+        trains = describe_spec(self.spec)
+        return f"{self.method}: {trains}" if self.method else trains
 
 
 def describe_spec(spec: TrainSpec) -> str:

@@ -5,6 +5,7 @@ from fedfit.algorithms import (  # noqa: F401  (registration side effects)
     forward,
     hetlora,
     layers,
+    mixed,
     partial,
     peft,
     zeroorder,  # noqa: F401  (registers the zero-order methods)

@@ -73,6 +73,8 @@ def round0_clients(setup: RunSetup) -> list[int]:
 def plan_fields(plan: Plan, budget: Budget, tier: str) -> dict[str, Any]:
     """What the client was assigned, its budget and the predicted cost, beside the measured."""
     fields: dict[str, Any] = {"tier": tier, "trained": plan.describe() if plan.spec else None}
+    if plan.method:  # a mixed run: this client's method
+        fields["method"] = plan.method
     if not budget.unlimited:
         fields["budget"] = {
             "memory_bytes": budget.memory_bytes,
