@@ -234,6 +234,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from fedfit.units import format_bytes, format_flops
 
     config = load_config(args.config, args.set)
+    auto_model = config.model.name == "auto"
+    choice_config = config
+    if auto_model:
+        from fedfit.engine.tier_table import ZOO_CHOICES, resolve_model
+
+        # the choice table as resolve_model saw it: fractions of the largest zoo choice
+        choice_config = dataclasses.replace(
+            config, model=dataclasses.replace(config.model, name=ZOO_CHOICES[-1])
+        )
+        config = resolve_model(config)
     rows = plan_rows(config, tuple(args.methods or ()))
     out = Console()
     for tier in dict.fromkeys(r.tier for r in rows):
@@ -260,8 +270,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 f"{r.num_devices if fits else 0}/{r.num_devices}",
             )
         out.print(table)
-    if config.method.name == "layers" or args.choose_model:
-        _print_model_choice(config, out)
+    if config.method.name == "layers" or args.choose_model or auto_model:
+        _print_model_choice(choice_config, out)
     return 0
 
 

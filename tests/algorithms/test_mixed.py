@@ -152,3 +152,30 @@ def test_adapter_family_mixes_lora_and_spry_within_budgets(tmp_path: Path) -> No
         assert c["peak_memory_bytes"] <= c["budget"]["memory_bytes"], c
     state = RunFolder(out).load_checkpoint()[0].params
     assert any("lora_B" in n and bool(t.abs().sum() > 0) for n, t in state.items())
+
+
+def test_model_auto_runs_the_planners_choice_and_records_why(tmp_path: Path) -> None:
+    """model.name = "auto" runs the zoo model ``fedfit plan`` picks (choose_model, on real
+    shipped weights and tweets), and config.toml and summary.json say which and why."""
+    from fedfit.engine.tier_table import ZOO_CHOICES, choose_model
+
+    sets = [
+        "model.max_length=32",
+        "data.num_clients=8",
+        "data.clients_per_round=2",
+        "data.eval_examples=40",
+        "run.rounds=1",
+        "train.local_steps=1",
+        "train.batch_size=4",
+        "devices.population=tiers",
+        'devices.tiers=["small share=0.5 memory=1/2x", "large share=0.5 memory=1x"]',
+        f"run.output_dir={tmp_path}",
+    ]
+    config = load_config(None, ["model.name=auto", "method.name=lora", *sets])
+    reference = load_config(None, [f"model.name={ZOO_CHOICES[-1]}", "method.name=lora", *sets])
+    picked, _, why = choose_model(reference)
+    out = run(config, plots=False)
+    summary = RunFolder(out).summary()
+    assert summary["model"] == picked
+    assert summary["model_picked"] == f"auto: {why}"
+    assert RunFolder(out).config().model.name == picked

@@ -50,6 +50,10 @@ def run(
             "Flower's SecAgg+: use run.executor = 'flower' or a deployment (fedfit flower "
             f"local / app); run.executor = {config.run.executor!r} would aggregate in the clear"
         )
+    if not resume:
+        from fedfit.engine.tier_table import resolve_model
+
+        config = resolve_model(config)  # model.name = "auto": the picked zoo model
     if pool is not None and config.run.executor != "ray":
         raise ValueError(f'a Ray pool was given but run.executor is "{config.run.executor}"')
     options = {"pool": pool} if pool is not None else {}

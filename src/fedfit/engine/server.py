@@ -475,6 +475,7 @@ def summarize(
         "name": cfg.run.name,
         "method": cfg.method.name,
         "model": cfg.model.name,
+        "model_picked": cfg.model.picked or None,  # model.name = "auto": which and why
         "dataset": cfg.data.name,
         "task": setup.task,
         "server_optimizer": cfg.server.optimizer,

@@ -9,6 +9,7 @@ safety margin, as the engine fits them), and how many devices are excluded.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from fedfit.algorithms import make_algorithm
@@ -16,6 +17,7 @@ from fedfit.config import Config, from_dict, to_dict
 from fedfit.data import TextDataset, load_configured
 from fedfit.devices import Budget, build_population
 from fedfit.engine.setup import cost_context_for, partition_clients
+from fedfit.log import log
 from fedfit.models import load_model, transformer_layers
 from fedfit.planning import CostContext, Plan
 
@@ -133,6 +135,25 @@ def choose_model(
             f"({best.excluded}) and trains {best.mean_depth:.2f} blocks per device on average"
         )
     return best.model, choices, why
+
+
+AUTO = "auto"
+
+
+def resolve_model(config: Config) -> Config:
+    """``model.name = "auto"``: the zoo model ``choose_model`` picks for this population
+    (budgets written as fractions resolve against full fine-tuning of the largest choice,
+    the last of ZOO_CHOICES), with why in ``model.picked``; any other name as it is."""
+    if config.model.name != AUTO:
+        return config
+    reference = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, name=ZOO_CHOICES[-1])
+    )
+    picked, _, why = choose_model(reference)
+    log(f"model.name = auto: {why}")
+    return dataclasses.replace(
+        config, model=dataclasses.replace(config.model, name=picked, picked=f"auto: {why}")
+    )
 
 
 def _with_method(config: Config, name: str, model: str | None = None) -> Config:

@@ -13,7 +13,14 @@ HEAD_INITS = ("random", "ncm")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = field(default="minilm-l6", metadata={"help": "zoo name (fedfit models)"})
+    name: str = field(
+        default="minilm-l6",
+        metadata={
+            "help": "zoo name (fedfit models), a local checkpoint folder, or auto (the zoo "
+            "model fedfit plan picks for the population: most trained blocks, every device "
+            "fitting)"
+        },
+    )
     max_length: int = field(default=64, metadata={"help": "tokens per example (truncation)"})
     head_init: str = field(
         default="random",
@@ -29,6 +36,10 @@ class ModelConfig:
     head_init_clients: int = field(
         default=0,
         metadata={"help": "ncm: clients that send class sums in round 0; 0 = every eligible one"},
+    )
+    picked: str = field(
+        default="",
+        metadata={"help": "written by fedfit for model.name = auto: why this model was picked"},
     )
 
     def __post_init__(self) -> None:
