@@ -220,7 +220,7 @@ def markdown(result: dict[str, Any]) -> str:
         "clients, aggregation), evaluation apart; outside = end to end - loop - eval (imports, "
         "model and data load, Ray/Flower start and stop, plots). Peak RSS: summed over the "
         "process tree every 0.1 s (shared library pages count once per process, so the sum "
-        "overstates what the tree really holds); peak PSS: the same with each shared page split "
+        "overstates what the tree really holds); peak PSS (sampled every 1 s): the same with each shared page split "
         "between the processes that share it (what the tree holds; fork's copy-on-write pages, "
         "the lanes' shared backbone, count once). Useful FLOPs: training steps on real tokens "
         "(no padding); achieved = useful FLOPs / time; executed GFLOP/s counts the padded "
