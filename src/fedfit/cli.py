@@ -237,12 +237,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     auto_model = config.model.name == "auto"
     choice_config = config
     if auto_model:
-        from fedfit.engine.tier_table import ZOO_CHOICES, resolve_model
+        from fedfit.engine.tier_table import choice_reference, resolve_model
 
-        # the choice table as resolve_model saw it: fractions of the largest zoo choice
-        choice_config = dataclasses.replace(
-            config, model=dataclasses.replace(config.model, name=ZOO_CHOICES[-1])
-        )
+        choice_config = choice_reference(config)  # the choice table as resolve_model saw it
         config = resolve_model(config)
     rows = plan_rows(config, tuple(args.methods or ()))
     out = Console()

@@ -36,18 +36,9 @@ def test_client_flops_equal_flopcountermode_over_the_whole_update() -> None:
             twin,
             algorithm.configure(state, 0, seed=4),
             shard,
-            ClientContext(train=config.train, meter=_Uncached()),
+            ClientContext(train=config.train, meter=_UncachedAny()),
         )
     assert meter.flops == counter.get_total_flops() > 0
-
-
-class _Uncached(CostMeter):
-    """Plain steps only (FLOPs are counted by the surrounding FlopCounterMode)."""
-
-    def train_step(self, model, optimizer, batch):  # type: ignore[no-untyped-def]
-        from fedfit.engine.meter import plain_step
-
-        return plain_step(model, optimizer, batch)
 
 
 def test_memory_is_the_largest_step() -> None:

@@ -50,7 +50,7 @@ from fedfit.algorithms.base import (
     Update,
     apply_server_update,
 )
-from fedfit.algorithms.registry import ALGORITHMS, register
+from fedfit.algorithms.registry import ALGORITHMS, make_algorithm, register
 from fedfit.costs.spec import TrainSpec
 from fedfit.planning import CostContext, Plan
 
@@ -168,7 +168,7 @@ class Mixed(Algorithm):
                     config.method, name=name, options=candidate_options(name, options)
                 ),
             )
-            self.methods[name] = ALGORITHMS[name].cls(sub_config.method.options, sub_config)
+            self.methods[name] = make_algorithm(sub_config)
         kinds = {m.payload_kind for m in self.methods.values()}
         if kinds - {"weights", "subset"}:
             raise ValueError(f"auto: candidates upload {sorted(kinds)}; only tensors can mix")

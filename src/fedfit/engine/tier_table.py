@@ -140,16 +140,21 @@ def choose_model(
 AUTO = "auto"
 
 
+def choice_reference(config: Config) -> Config:
+    """``config`` for ``choose_model`` under ``model.name = "auto"``: budget fractions resolve
+    against full fine-tuning of the largest zoo choice (the last of ZOO_CHOICES)."""
+    return dataclasses.replace(
+        config, model=dataclasses.replace(config.model, name=ZOO_CHOICES[-1])
+    )
+
+
 def resolve_model(config: Config) -> Config:
     """``model.name = "auto"``: the zoo model ``choose_model`` picks for this population
     (budgets written as fractions resolve against full fine-tuning of the largest choice,
     the last of ZOO_CHOICES), with why in ``model.picked``; any other name as it is."""
     if config.model.name != AUTO:
         return config
-    reference = dataclasses.replace(
-        config, model=dataclasses.replace(config.model, name=ZOO_CHOICES[-1])
-    )
-    picked, _, why = choose_model(reference)
+    picked, _, why = choose_model(choice_reference(config))
     log(f"model.name = auto: {why}")
     return dataclasses.replace(
         config, model=dataclasses.replace(config.model, name=picked, picked=f"auto: {why}")
