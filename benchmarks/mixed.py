@@ -1,17 +1,22 @@
 """Every device takes part: a mixed-method federation against each of its methods alone.
 
-    .venv/bin/python benchmarks/mixed.py                 # both settings, 12 runs (resumable)
+    .venv/bin/python benchmarks/mixed.py                 # sweep, then both settings (resumable)
     .venv/bin/python benchmarks/mixed.py --quick         # tiny-bert smoke test, ~2 min
 
 Population: examples/heterogeneous.toml (tweets, minilm-l6, 100 clients in four memory tiers
 of 1/8, 1/4, 1/2 and 1x of full fine-tuning's peak, 10 clients per round, 4 local steps of
-batch 16, lr 3e-3 for every method, server FedAvg), from its random head (round 0 the same
+batch 16, server FedAvg), from its random head (round 0 the same
 for every run), ``run.lanes = 2`` and length-bucketed batches for speed.
 
-Runs, in each setting: ``auto`` (method.candidates = lora, spry, fedmezo, head: each device
-the first that fits) and each single method alone, which excludes the tiers it cannot fit:
-lora, spry, fedmezo (on LoRA r = 8, as in the mixed run), head, and layer fine-tuning (the
-full-weight family's method).
+Runs, in each setting: ``auto`` (the default method.candidates: lora, spry, fedmezo, head and
+the head over a bfloat16 backbone, each device the first that fits) and each single method
+alone, which excludes the tiers it cannot fit: lora, spry, fedmezo (on LoRA r = 8, as in the
+mixed run), head, head-bf16 (the head over a bfloat16 backbone: the one method that fits
+every tier) and layer fine-tuning (the full-weight family's method).
+
+Learning rates: each single method's client lr from a sweep (``LRS``, 10 rounds on the
+dirichlet setting, lowest final eval loss); auto runs each candidate at its method's winner
+(``"lora lr=..."``), head-bf16 at head's. Long runs: 40 rounds, evaluated every 5.
 
 Settings:
 - ``dirichlet``: the example's Dirichlet(0.5) label skew over clients;
@@ -38,29 +43,45 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from cells import RUNS, Cell, Ledger, pct, run_cell
+from cells import RUNS, Cell, Ledger, learned, pct, run_cell, sweep, sweep_table
 from common import RESULTS, ROOT, log, write_outputs
 
 from fedfit.units import format_bytes, format_flops
 
 EXAMPLE = ROOT / "examples" / "heterogeneous.toml"
-CANDIDATES = '["lora", "spry", "fedmezo", "head"]'
-METHODS = ("auto", "lora", "spry", "fedmezo", "head", "layers")
+# auto's candidates, strongest first (the default list), as the single-method rows name them
+CANDIDATES = {"lora": "lora", "spry": "spry", "fedmezo": "fedmezo", "head": "head",
+              "head-bf16": "head frozen_dtype=bfloat16"}  # fmt: skip
+METHODS = ("auto", "lora", "spry", "fedmezo", "head", "head-bf16", "layers")
 SETTINGS = ("dirichlet", "tier_skew")
-FULL = ["run.rounds=20", "run.eval_every=5", "data.eval_examples=500", "run.lanes=2",
-        "train.bucket_by_length=true"]  # fmt: skip
-QUICK = ["model.name=tiny-bert", "model.max_length=32", "data.num_clients=20", "run.rounds=2",
-         "run.eval_every=1", "data.eval_examples=60", "train.local_steps=2",
-         "data.min_examples=5"]  # fmt: skip
+FULL = ["data.eval_examples=500", "run.lanes=2", "train.bucket_by_length=true"]
+SWEEP = ["run.rounds=10", "run.eval_every=10"]  # each lr of a method's grid, dirichlet
+LONG = ["run.rounds=40", "run.eval_every=5"]
+QUICK_LONG = ["run.rounds=2", "run.eval_every=1"]
+LRS = {  # client lr grids (head-bf16 takes head's winner: the same method, another precision)
+    "lora": (1e-3, 3e-3, 1e-2),
+    "spry": (3e-4, 1e-3, 3e-3),
+    "fedmezo": (3e-4, 1e-3, 3e-3),
+    "head": (3e-3, 1e-2, 3e-2),
+    "layers": (3e-5, 1e-4, 3e-4),
+}
+QUICK = ["model.name=tiny-bert", "model.max_length=32", "data.num_clients=20",
+         "data.eval_examples=60", "train.local_steps=2", "data.min_examples=5"]  # fmt: skip
 PER_CLIENT = 200  # tweets per client in tier_skew (equal sizes keep the natural order by id)
 LOW_CLASS = 0  # "negative": only on low-tier clients in tier_skew
 
 
-def method_sets(method: str) -> list[str]:
+def method_sets(method: str, lrs: dict[str, float] | None = None) -> list[str]:
+    """A method's --set strings; ``auto``'s candidates each at its own chosen lr."""
     if method == "auto":
-        return ["method.name=auto", f"method.candidates={CANDIDATES}"]
+        lrs = lrs or {}
+        names = [CANDIDATES[c] + (f" lr={lrs[c]}" if c in lrs else "") for c in CANDIDATES]
+        return ["method.name=auto", "method.candidates=[" + ", ".join(
+            f'"{n}"' for n in names) + "]"]  # fmt: skip
     if method == "fedmezo":  # on LoRA (its default is full weights), as in the mixed run
         return ["method.name=fedmezo", "method.peft=lora"]
+    if method == "head-bf16":
+        return ["method.name=head", "method.frozen_dtype=bfloat16"]
     return [f"method.name={method}"]
 
 
@@ -184,15 +205,18 @@ def markdown(result: dict[str, Any]) -> str:
         if not rows:
             continue
         lines += [f"## {setting}", "",
-                  "| method | devices trained | data trained | round 0 | final | best | gain | "
-                  "eval loss | learned |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| method | lr | devices trained | data trained | round 0 | final | best | "
+                  "gain | eval loss (prior) | learned |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in rows:
             gain = r["final_accuracy"] - r["start_accuracy"]
+            lr = "each its own" if r["method"] == "auto" else f"{r['lr']:g}"
             lines.append(
-                f"| {r['method']} | {pct(r['participation']['devices'])} | "
+                f"| {r['method']} | {lr} | {pct(r['participation']['devices'])} | "
                 f"{pct(r['participation']['examples'])} | {pct(r['start_accuracy'])} | "
                 f"{pct(r['final_accuracy'])} | {pct(r['best_accuracy'])} | {100 * gain:+.1f} | "
-                f"{r['final_loss']:.3f} | {'yes' if r['learned'] else 'no'} |"
+                f"{r['final_loss']:.3f} ({r['prior_loss']:.3f}) | "
+                f"{'yes' if learned(r) else 'no'} |"
             )
         lines += ["", "Per tier (training rounds): method, client updates, FLOPs and upload per "
                   "update, largest measured peak memory against the tier's budget.", "",
@@ -215,6 +239,11 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {r['method']} | " + " | ".join(pct(p["accuracy"]) for p in r["curve"]) + " |"
             )
         lines.append("")
+    if result.get("sweep"):
+        lines += ["## Learning rates", "", "Each single method's client lr: a sweep of "
+                  f"{SWEEP[0].split('=')[1]} rounds on the dirichlet setting, lowest final eval "
+                  "loss wins; auto gives each candidate its method's winner, and head-bf16 "
+                  "takes head's.", "", *sweep_table(result["sweep"]), ""]  # fmt: skip
     lines += ["## Verdicts", "", *[f"- {c}" for c in result["claims"]], ""]
     return "\n".join(lines) + "\n"
 
@@ -255,6 +284,36 @@ def plot(result: dict[str, Any]) -> Any:
     return fig
 
 
+def sweep_cells(
+    ledger: Ledger, name: str, sizes: list[str], methods: list[str], quick: bool
+) -> dict[str, float]:
+    """Each single method's client lr from a short sweep on the dirichlet setting (lowest
+    final eval loss); ``head-bf16`` takes ``head``'s. Returns method -> chosen lr."""
+    chosen: dict[str, float] = {}
+    points: list[dict[str, Any]] = []
+    rounds = ["run.rounds=1", "run.eval_every=1"] if quick else SWEEP
+    for method in sorted({"head" if m == "head-bf16" else m for m in methods} - {"auto"}):
+        grid = LRS[method][1:2] if quick else LRS[method]
+
+        def point(lr: float, eps: float | None, method: str = method) -> dict[str, Any]:
+            cell = Cell(f"sweep-{method}-lr{lr:g}", method,
+                        [*rounds, *method_sets(method), f"train.lr={lr}"],
+                        {"setting": "sweep", "lr": lr, "stage": "sweep"})  # fmt: skip
+            return run_cell(ledger, name, EXAMPLE, sizes, cell)
+
+        mine, best = sweep(point, grid, [None])
+        if best is None:
+            raise SystemExit(f"{method}: every sweep point diverged (NaN loss)")
+        chosen[method] = best["lr"]
+        points += [{**q, "chosen": q is best} for q in mine]
+    if "head" in chosen:
+        chosen["head-bf16"] = chosen["head"]
+    ledger.data["sweep"] = points
+    ledger.data["chosen_lr"] = chosen
+    ledger.save()
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny-bert smoke test")
@@ -266,11 +325,17 @@ def main() -> None:
     out = (Path("/tmp") if args.quick else RESULTS) / name
     ledger = Ledger(out.with_suffix(".json"), {"benchmark": name, "base": sizes})
     work = RUNS / name
+    methods = list(args.methods)
+    lrs = sweep_cells(ledger, name, sizes, list(METHODS if "auto" in methods else methods),
+                      args.quick)  # fmt: skip
+    rounds = QUICK_LONG if args.quick else LONG
     for setting in args.settings:
-        for method in args.methods:
+        for method in methods:
             extra = setting_sets(setting, sizes, work)
-            cell = Cell(f"{setting}-{method}", method, [*extra, *method_sets(method)],
-                        {"setting": setting})  # fmt: skip
+            lr = [] if method == "auto" else [f"train.lr={lrs[method]}"]
+            cell = Cell(f"{setting}-{method}", method,
+                        [*rounds, *extra, *method_sets(method, lrs), *lr],
+                        {"setting": setting, "lr": lrs.get(method)})  # fmt: skip
             done = cell.key in ledger.cells
             figures = run_cell(ledger, name, EXAMPLE, sizes, cell)
             run_dir = Path(figures["run_dir"])
@@ -280,7 +345,7 @@ def main() -> None:
                 figures["participation"] = participation(run_dir)
                 ledger.cells[cell.key] = figures
                 ledger.save()
-            rows = list(ledger.cells.values())
+            rows = [c for c in ledger.cells.values() if c.get("stage") != "sweep"]
             result = {**ledger.data, "rows": rows, "claims": claims(rows),
                       "setting": __doc__.split("\n\n")[2].replace("\n", " ")}  # fmt: skip
             write_outputs(result, out, markdown, plot)

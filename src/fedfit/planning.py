@@ -96,6 +96,8 @@ def describe_spec(spec: TrainSpec) -> str:
     }[spec.kind]
     if spec.share[1] > 1:
         trains += f" (share of {spec.share[1]})"
+    if spec.frozen_dtype != "float32":
+        trains += f", the rest held in {spec.frozen_dtype}"
     how = {
         "backprop": "",
         "jvp": f", jvp x{spec.probes}",

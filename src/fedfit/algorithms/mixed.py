@@ -1,9 +1,13 @@
 """Mixed-method federations: every device trains with the strongest method its budget allows.
 
 ``[method] name = "auto"`` with ``candidates = [...]`` (registered method names, strongest
-first). Before round 1 each device gets the first candidate whose plan fits its budget (each
-candidate's own ``plan``, so its own cost model and options); a device that fits none is
-excluded, with every candidate's reason. Every method of the run trains a part of ONE global
+first, each optionally with options of its own: ``"head frozen_dtype=bfloat16"``, and ``lr=...``, the candidate's own client learning rate
+in place of ``train.lr``: methods tuned alone keep their rates in the mix). Before
+round 1 each device gets the first candidate whose plan fits its budget (each candidate's own
+``plan``, so its own cost model and options); a device that fits none is excluded, with every
+candidate's reason. The default list ends with the head trained over a bfloat16 backbone
+(models/precision.py), which is what fits the smallest devices: on minilm-l6 a float32 head
+step needs 112 MB, the weights alone 91 MB, the bfloat16 one 56 MB. Every method of the run trains a part of ONE global
 model, so their updates fold into the same tensors:
 
 - the adapter family (LoRA and the forward-gradient and zero-order methods on LoRA, plus
@@ -76,8 +80,11 @@ LORA_SHAPE = ("r", "alpha", "target_modules")
 @dataclass(frozen=True)
 class MixedOptions:
     candidates: tuple[str, ...] = field(
-        default=("lora", "spry", "fedmezo", "head"),
-        metadata={"help": "methods, strongest first: each device gets the first that fits"},
+        default=("lora", "spry", "fedmezo", "head", "head frozen_dtype=bfloat16"),
+        metadata={
+            "help": 'methods, strongest first: each device gets the first that fits ("<name> '
+            '[option=value ...]")'
+        },
     )
     weights: tuple[float, ...] = field(
         default=(),
@@ -94,9 +101,11 @@ class MixedOptions:
 
         if not self.candidates:
             raise ConfigError("method.candidates: name at least one method")
-        if len(set(self.candidates)) != len(self.candidates):
+        labels = [label(c) for c in self.candidates]
+        if len(set(labels)) != len(labels):
             raise ConfigError(f"method.candidates: {list(self.candidates)} repeats a method")
-        for name in self.candidates:
+        for text in self.candidates:
+            name, values = parse_candidate(text)
             if name == "auto":
                 raise ConfigError("method.candidates: 'auto' cannot be its own candidate")
             if name not in ALGORITHMS:
@@ -109,14 +118,21 @@ class MixedOptions:
                     f"method.candidates: {name} cannot be mixed with other methods: it "
                     f"{NOT_TENSORS[name]}"
                 )
+            shared = sorted(set(values) & set(LORA_SHAPE))
+            if shared:
+                raise ConfigError(
+                    f"method.candidates: {text!r} sets {', '.join(shared)}, which every "
+                    f"candidate shares: set method.{shared[0]} instead"
+                )
+            own_options(name, values, text)  # unknown options and bad values are named here
+            candidate_lr(values, text)
+        names = [base(c) for c in self.candidates]
         families = {
-            "adapter (LoRA)" if n in ADAPTER else "full-weight"
-            for n in self.candidates
-            if n not in EITHER
+            "adapter (LoRA)" if n in ADAPTER else "full-weight" for n in names if n not in EITHER
         }
         if len(families) > 1:
-            adapters = [n for n in self.candidates if n in ADAPTER]
-            full = [n for n in self.candidates if n in FULL]
+            adapters = [n for n in names if n in ADAPTER]
+            full = [n for n in names if n in FULL]
             raise ConfigError(
                 f"method.candidates: {', '.join(adapters)} train LoRA adapters and "
                 f"{', '.join(full)} the model's own weights; a mixed run trains one set of "
@@ -135,9 +151,63 @@ class MixedOptions:
             raise ConfigError("method.alpha: must be > 0")
 
 
-def candidate_options(name: str, opts: MixedOptions) -> Any:
+def parse_candidate(text: str) -> tuple[str, dict[str, str]]:
+    """``"<name> [option=value ...]"`` -> (name, {option: value text})."""
+    from fedfit.config import ConfigError
+
+    name, *pairs = text.split() or [""]
+    values: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise ConfigError(
+                f"method.candidates: {text!r}: {pair!r} is not option=value "
+                '(a candidate is "<name> [option=value ...]")'
+            )
+        values[key] = value
+    return name, values
+
+
+def base(text: str) -> str:
+    """The registered method a candidate runs."""
+    return parse_candidate(text)[0]
+
+
+def label(text: str) -> str:
+    """A candidate as its clients' rows name it: its words, single-spaced."""
+    return " ".join(text.split())
+
+
+def own_options(name: str, values: dict[str, str], text: str) -> dict[str, Any]:
+    """A candidate's own option values (all but ``lr``), typed and checked as ``--set``
+    checks them."""
+    from fedfit.config import SetValue, build_dataclass, parse_value
+
+    options = ALGORITHMS[name].options
+    mine = {k: SetValue(v, parse_value(v)) for k, v in values.items() if k != "lr"}
+    typed = build_dataclass(options, mine, f"method.candidates[{text!r}]")
+    return {k: getattr(typed, k) for k in mine}
+
+
+def candidate_lr(values: dict[str, str], text: str) -> float | None:
+    """``lr=<value>``: the candidate's own client learning rate (``train.lr`` otherwise)."""
+    from fedfit.config import ConfigError
+
+    if "lr" not in values:
+        return None
+    try:
+        lr = float(values["lr"])
+    except ValueError:
+        lr = float("nan")
+    if not lr > 0 or lr == float("inf"):
+        raise ConfigError(f"method.candidates[{text!r}]: lr must be a number > 0")
+    return lr
+
+
+def candidate_options(text: str, opts: MixedOptions) -> Any:
     """The candidate's default options with the run's shared LoRA shape (and plain LoRA where
-    the method lets its ``peft`` option choose)."""
+    the method lets its ``peft`` option choose), then the candidate's own option values."""
+    name, values = parse_candidate(text)
     options = ALGORITHMS[name].options()
     fields = {f.name for f in dataclasses.fields(options)}
     shared = {k: getattr(opts, k) for k in LORA_SHAPE if k in fields}
@@ -147,9 +217,9 @@ def candidate_options(name: str, opts: MixedOptions) -> Any:
         shared["dropout"] = 0.0  # one LoRA for every method: the probe methods need none
     if "communication" in fields:
         shared["communication"] = "epoch"  # Spry's weights, not its per-iteration scalars
-    if "prefix_cache" in fields and {"fedavg", "bitfit"} & set(opts.candidates):
+    if "prefix_cache" in fields and {"fedavg", "bitfit"} & {base(c) for c in opts.candidates}:
         shared["prefix_cache"] = False  # another method trains the blocks it would cache
-    return dataclasses.replace(options, **shared)
+    return dataclasses.replace(options, **shared, **own_options(name, values, text))
 
 
 class Mixed(Algorithm):
@@ -160,21 +230,26 @@ class Mixed(Algorithm):
     def __init__(self, options: MixedOptions, config: Any) -> None:
         super().__init__(options, config)
         self.opts = options
-        self.methods: dict[str, Algorithm] = {}
-        for name in options.candidates:
+        self.methods: dict[str, Algorithm] = {}  # by label: "head frozen_dtype=bfloat16"
+        self.train_of: dict[str, Any] = {}  # by label: its train config (its own lr)
+        for text in options.candidates:
+            lr = candidate_lr(parse_candidate(text)[1], text)
             sub_config = dataclasses.replace(
                 config,
                 method=dataclasses.replace(
-                    config.method, name=name, options=candidate_options(name, options)
+                    config.method, name=base(text), options=candidate_options(text, options)
                 ),
+                train=config.train if lr is None else dataclasses.replace(config.train, lr=lr),
             )
-            self.methods[name] = make_algorithm(sub_config)
+            self.methods[label(text)] = make_algorithm(sub_config)
+            self.train_of[label(text)] = sub_config.train
+        self.strongest = label(options.candidates[0])
         kinds = {m.payload_kind for m in self.methods.values()}
         if kinds - {"weights", "subset"}:
             raise ValueError(f"auto: candidates upload {sorted(kinds)}; only tensors can mix")
         self.payload_kind = "subset" if "subset" in kinds else "weights"
         weights = options.weights or (1.0,) * len(options.candidates)
-        self.weight = dict(zip(options.candidates, weights, strict=True))
+        self.weight = dict(zip(self.methods, weights, strict=True))
         self.trains: dict[str, list[str]] = {}  # method -> the tensor names it trains
         self.method_of: dict[int, str] = {}  # client -> its method (from its plan)
 
@@ -186,7 +261,7 @@ class Mixed(Algorithm):
         (its own bookkeeping: Spry's groups, layer fine-tuning's blocks); record which of the
         shared model's tensors each one trains."""
         names = list(self.methods)
-        first = next((n for n in names if n in ADAPTER), names[0])
+        first = next((n for n in names if base(n) in ADAPTER), names[0])
         raw = copy.deepcopy(model)
         shared = self.methods[first].prepare(model, task)  # first: its random draws as alone
         self.trains[first] = [n for n, p in shared.named_parameters() if p.requires_grad]
@@ -212,7 +287,7 @@ class Mixed(Algorithm):
         params = dict(shared.named_parameters())
         if all(n in params for n in own):
             return own
-        if name == "head":  # the LoRA-wrapped head (peft keeps the trained copy)
+        if base(name) == "head":  # the LoRA-wrapped head (peft keeps the trained copy)
             heads = task_head(shared, task)
             ids = {id(p) for m in heads for p in m.parameters() if p.requires_grad}
             found = [n for n, p in params.items() if id(p) in ids and p.requires_grad]
@@ -223,7 +298,7 @@ class Mixed(Algorithm):
     # ---------------------------------------------------------------- planning
 
     def spec(self, ctx: CostContext) -> TrainSpec:
-        return self.methods[self.opts.candidates[0]].spec(ctx)
+        return self.methods[self.strongest].spec(ctx)
 
     def plan(self, budget: Budget, ctx: CostContext) -> Plan:
         """The first candidate that fits, with why each stronger one did not."""
@@ -246,7 +321,7 @@ class Mixed(Algorithm):
 
     def method_for(self, client_id: int) -> str:
         """The client's planned method; unplanned (no budgets given), the strongest."""
-        return self.method_of.get(client_id, self.opts.candidates[0])
+        return self.method_of.get(client_id, self.strongest)
 
     def start_round(self, state: ServerState, clients: Sequence[int]) -> None:
         for name, method in self.methods.items():
@@ -273,7 +348,8 @@ class Mixed(Algorithm):
         try:
             for n, p in params:
                 p.requires_grad_(n in mine)
-            update = self.methods[name].client_update(model, task, shard, ctx)
+            mine_ctx = dataclasses.replace(ctx, train=self.train_of[name])
+            update = self.methods[name].client_update(model, task, shard, mine_ctx)
         finally:
             for n, p in params:
                 p.requires_grad_(was[n])

@@ -17,15 +17,23 @@ adds it to ``modules_to_save``); for causal LM nothing but the adapters is train
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from peft import IA3Config, LoraConfig, TaskType, get_peft_model
 
-from fedfit.algorithms.base import Algorithm
+from fedfit.algorithms.base import (
+    Algorithm,
+    ClientContext,
+    ClientData,
+    ClientTask,
+    Update,
+    load_tensors_,
+)
 from fedfit.algorithms.registry import register
 from fedfit.costs.spec import TrainSpec
+from fedfit.models.precision import FROZEN_DTYPES, frozen_in
 from fedfit.models.structure import task_head
 from fedfit.planning import CostContext
 
@@ -135,12 +143,47 @@ class BitFit(Algorithm):
         return model
 
 
+@dataclass(frozen=True)
+class HeadOptions:
+    frozen_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": 'precision of the frozen backbone on the device: "float32" or "bfloat16" '
+            "(half the memory; BERT-family models)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        from fedfit.config import ConfigError
+
+        if self.frozen_dtype not in FROZEN_DTYPES:
+            raise ConfigError(
+                f"method.frozen_dtype: {self.frozen_dtype!r} is not one of "
+                + ", ".join(FROZEN_DTYPES)
+            )
+
+
 class Head(Algorithm):
+    """The task head alone; with ``frozen_dtype = "bfloat16"`` the device holds everything
+    else in bfloat16 while it trains (models/precision.py): half the weights' and the
+    activations' memory, the head, its gradient and optimiser state in float32."""
+
     name = "head"
     tasks = ("classification",)  # a causal LM has no separate head (tied to the embeddings)
 
     def spec(self, ctx: CostContext) -> TrainSpec:
-        return TrainSpec("head", optimizer=ctx.optimizer)
+        opts: HeadOptions = self.options  # type: ignore[assignment]
+        return TrainSpec("head", optimizer=ctx.optimizer, frozen_dtype=opts.frozen_dtype)
+
+    def client_update(
+        self, model: torch.nn.Module, task: ClientTask, shard: ClientData, ctx: ClientContext
+    ) -> Update:
+        """The base update, with the download loaded first (in float32) and the frozen
+        tensors held in ``frozen_dtype`` while the head trains."""
+        opts: HeadOptions = self.options  # type: ignore[assignment]
+        load_tensors_(model, task.download)
+        with frozen_in(model, opts.frozen_dtype):
+            return super().client_update(model, replace(task, download={}), shard, ctx)
 
     def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
         model.requires_grad_(False)
@@ -171,12 +214,13 @@ def prepare_peft(
     if kind == "ia3":
         return IA3(IA3Options(target_modules), config).prepare(model, task)
     if kind in ("bitfit", "head"):
-        cls = BitFit if kind == "bitfit" else Head
-        return cls(NoOptions(), config).prepare(model, task)
+        if kind == "bitfit":
+            return BitFit(NoOptions(), config).prepare(model, task)
+        return Head(HeadOptions(), config).prepare(model, task)
     raise ValueError(f"unknown peft kind {kind!r}: full, lora, ia3, bitfit or head")
 
 
 register("lora", LoraOptions, "LoRA adapters (peft) + task head; only those are sent")(LoRA)
 register("ia3", IA3Options, "IA3 rescaling vectors (peft) + task head")(IA3)
 register("bitfit", NoOptions, "BitFit: all bias terms + task head")(BitFit)
-register("head", NoOptions, "Only the task head is trained and sent")(Head)
+register("head", HeadOptions, "Only the task head is trained and sent")(Head)

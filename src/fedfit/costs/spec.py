@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from fedfit.costs.measure import StepMemory, measure_step
+from fedfit.models.precision import FROZEN_DTYPES, frozen_in
 
 KINDS = ("full", "lora", "layers", "head", "bitfit", "ia3")
 STEPS = ("backprop", "jvp", "fd", "zo", "spzo")
@@ -52,6 +53,10 @@ class TrainSpec:
     ``"sgd"`` (no momentum: no state), ``"sgd-momentum"`` (one buffer per tensor) or
     ``"adafactor"`` (transformers' Adafactor without first moment: a row and a column vector
     per matrix, the full second moment of vectors, one RMS scalar per tensor).
+
+    ``frozen_dtype``: the precision the device holds its frozen weights in ("float32", or
+    "bfloat16", models/precision.py); the trained tensors stay float32. Modelled for a
+    head-only backprop step, where every activation is a frozen layer's.
     """
 
     kind: str
@@ -67,6 +72,7 @@ class TrainSpec:
     share_head: bool = True
     upload: str = "weights"
     replay_pairs: int = 0
+    frozen_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.step not in STEPS:
@@ -87,6 +93,15 @@ class TrainSpec:
             raise ValueError("TrainSpec.trained_layers: layers needs >= 1 trained block")
         if self.kind == "lora" and self.lora_rank < 1:
             raise ValueError("TrainSpec.lora_rank: must be >= 1")
+        if self.frozen_dtype not in FROZEN_DTYPES:
+            raise ValueError(
+                f"TrainSpec.frozen_dtype: {self.frozen_dtype!r} not in {tuple(FROZEN_DTYPES)}"
+            )
+        if self.frozen_dtype != "float32" and (self.kind, self.step) != ("head", "backprop"):
+            raise ValueError(
+                "TrainSpec.frozen_dtype: lower-precision frozen weights are modelled for "
+                "kind='head' with backprop only"
+            )
 
     def targets(self, family: str) -> tuple[str, ...]:
         """The LoRA target module names for a model family ("bert" | "llama")."""
@@ -182,6 +197,7 @@ def measure(
     model = apply_spec(model, spec, task)
     model.train()
     optimizer = make_optimizer(model, spec)
-    measure_step(model, optimizer, batch)  # creates the optimiser state
-    _, memory, flops = measure_step(model, optimizer, batch)
+    with frozen_in(model, spec.frozen_dtype):
+        measure_step(model, optimizer, batch)  # creates the optimiser state
+        _, memory, flops = measure_step(model, optimizer, batch)
     return memory, flops

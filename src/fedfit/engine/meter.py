@@ -173,8 +173,10 @@ class CostMeter:
         )
         # A client's first step creates the optimiser state; later steps carry it through
         # forward and backward, so they peak higher: both kinds are measured.
+        # Weights held in another precision (models/precision.py) cost other bytes.
+        dtypes = tuple(sorted({str(p.dtype) for p in model.parameters()}))
         shape = tuple(batch["input_ids"].shape)
-        key = (shape, trainable, skipped is not None, bool(optimizer.state), kind)
+        key = (shape, trainable, dtypes, skipped is not None, bool(optimizer.state), kind)
         loss, (flops, memory) = self._cost(model, optimizer, batch, step, key)
         if skipped is not None:
             flops, memory = flops + skipped.flops, skipped.add_to(memory)
