@@ -24,7 +24,14 @@ from tests.helpers import read_rows, tiny_run_config
         ('["lora", "fedkseed"]', r"fedkseed cannot be mixed.*seeds and scalars"),
         ('["lora", "nope"]', r"unknown method 'nope'"),
         ('["lora", "lora"]', r"repeats a method"),
+        ('["head", " head "]', r"repeats a method"),
         ("[]", r"at least one"),
+        ('["lora", "head frozen_dtype"]', r"'frozen_dtype' is not option=value"),
+        ('["lora", "head nope=1"]', r"\['head nope=1'\]\.nope: unknown key"),
+        ('["lora", "head frozen_dtype=int8"]', r"frozen_dtype: 'int8' is not one of"),
+        ('["lora r=4", "head"]', r"sets r, which every candidate shares: set method\.r"),
+        ('["lora lr=-1", "head"]', r"lr must be a number > 0"),
+        ('["lora lr=fast", "head"]', r"lr must be a number > 0"),
     ],
 )
 def test_candidates_that_cannot_share_tensors_are_config_errors(
@@ -77,9 +84,16 @@ def test_aggregate_is_the_layer_wise_weighted_mean() -> None:
 
 
 def test_every_device_on_one_method_equals_that_methods_run(tmp_path: Path) -> None:
+    """auto with the one candidate "lora lr=0.01" is lora's own run at train.lr = 0.01, bit
+    for bit (while the auto run's own train.lr stays the default)."""
     one = run(
         tiny_run_config(
-            tmp_path, "run.rounds=2", "run.name=lora", "method.name=lora", "method.dropout=0.0"
+            tmp_path,
+            "run.rounds=2",
+            "run.name=lora",
+            "method.name=lora",
+            "method.dropout=0.0",
+            "train.lr=0.01",
         ),
         plots=False,
     )
@@ -89,7 +103,7 @@ def test_every_device_on_one_method_equals_that_methods_run(tmp_path: Path) -> N
             "run.rounds=2",
             "run.name=auto",
             "method.name=auto",
-            'method.candidates=["lora"]',
+            'method.candidates=["lora lr=0.01"]',
         ),
         plots=False,
     )
@@ -102,7 +116,8 @@ def test_every_device_on_one_method_equals_that_methods_run(tmp_path: Path) -> N
     assert pa.keys() == pb.keys()
     for name in pa:
         assert torch.equal(pa[name], pb[name]), name
-    assert {c["method"] for c in read_rows(auto / "clients.jsonl") if c["round"] > 0} == {"lora"}
+    rows = read_rows(auto / "clients.jsonl")
+    assert {c["method"] for c in rows if c["round"] > 0} == {"lora lr=0.01"}
 
 
 TIERS = [
@@ -128,6 +143,49 @@ def test_every_tier_takes_part_within_its_memory(tmp_path: Path) -> None:
     clients = [c for c in read_rows(out / "clients.jsonl") if c["round"] > 0]
     by_tier = {c["tier"]: c["method"] for c in clients}
     assert by_tier == {"large": "fedavg", "small": "head"}
+    for c in clients:
+        assert c["peak_memory_bytes"] <= c["budget"]["memory_bytes"], c
+
+
+def test_heterogeneous_example_admits_every_tier() -> None:
+    """The acceptance command's planning (`fedfit plan examples/heterogeneous.toml --set
+    method.name=auto`): every tier of minilm-l6's four gets a method that fits, the 1/8x tier
+    the head over a bfloat16 backbone, each stronger candidate's reason recorded."""
+    from fedfit.engine.tier_table import plan_rows
+
+    config = load_config(Path("examples/heterogeneous.toml"), ["method.name=auto"])
+    rows = [r for r in plan_rows(config, ("auto",)) if r.method == "auto"]
+    chosen = {r.tier: r.plan.method for r in rows if r.plan.ok}
+    assert chosen == {
+        "eighth": "head frozen_dtype=bfloat16",
+        "quarter": "fedmezo",
+        "half": "spry",
+        "full": "lora",
+    }
+    eighth = next(r for r in rows if r.tier == "eighth")
+    assert [why.split(":")[0] for why in eighth.plan.passed] == ["lora", "spry", "fedmezo", "head"]
+    assert eighth.memory <= 66.8e6
+
+
+def test_smallest_tier_trains_the_head_in_bfloat16_within_its_memory(tmp_path: Path) -> None:
+    """The default candidates on tiny-bert with a 1/8x tier: nothing in float32 fits it (the
+    float32 head step needs 4.7 MB against 3.1 MB), the bfloat16-backbone head does, and
+    every client's measured peak in clients.jsonl is within its budget."""
+    config = tiny_run_config(
+        tmp_path,
+        "run.rounds=2",
+        "data.clients_per_round=6",
+        "method.name=auto",
+        "devices.population=tiers",
+        'devices.tiers=["small share=0.5 memory=1/8x", "large share=0.5 memory=1x"]',
+    )
+    out = run(config, plots=False)
+    assert not RunFolder(out).summary().get("excluded")
+    clients = [c for c in read_rows(out / "clients.jsonl") if c["round"] > 0]
+    assert {(c["tier"], c["method"]) for c in clients} == {
+        ("small", "head frozen_dtype=bfloat16"),
+        ("large", "lora"),
+    }
     for c in clients:
         assert c["peak_memory_bytes"] <= c["budget"]["memory_bytes"], c
 
