@@ -61,7 +61,7 @@ QUICK_LONG = ["run.rounds=2", "run.eval_every=1"]
 LRS = {  # client lr grids (head-bf16 takes head's winner: the same method, another precision)
     "lora": (1e-3, 3e-3, 1e-2),
     "spry": (3e-4, 1e-3, 3e-3),
-    "fedmezo": (3e-4, 1e-3, 3e-3),
+    "fedmezo": (3e-4, 1e-3, 3e-3, 1e-2),
     "head": (3e-3, 1e-2, 3e-2),
     "layers": (3e-5, 1e-4, 3e-4),
 }
