@@ -129,6 +129,7 @@ def random_shard(
 def misbehave(monkeypatch: Any, change: Any) -> list[int]:
     """Make the first client of every round misbehave: its update, once computed, goes
     through ``change(update, task)`` (which may alter it in place, return another, or raise).
+    It patches ``Algorithm.client_update``: methods that override it (head) are not hit.
     Returns the ids of the clients it hit, one per round (the local executor only: Ray and
     Flower run clients in other processes)."""
     from fedfit.algorithms.base import Algorithm

@@ -94,7 +94,7 @@ def scale_one_client(monkeypatch: pytest.MonkeyPatch, factor: float) -> None:
 
 
 def test_median_resists_a_scaled_attacker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    base = ["run.rounds=1", "method.name=head", "data.clients_per_round=5", "train.lr=1e-2"]
+    base = ["run.rounds=1", "method.name=bitfit", "data.clients_per_round=5", "train.lr=1e-2"]
 
     def model(name: str, *extra: str) -> dict[str, torch.Tensor]:
         out = run(tiny_run_config(tmp_path, *base, f"run.name={name}", *extra), plots=False)

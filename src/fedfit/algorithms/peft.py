@@ -17,7 +17,7 @@ adds it to ``modules_to_save``); for causal LM nothing but the adapters is train
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +30,8 @@ from fedfit.algorithms.base import (
     ClientTask,
     Update,
     load_tensors_,
+    local_train,
+    trainable_tensors,
 )
 from fedfit.algorithms.registry import register
 from fedfit.costs.spec import TrainSpec
@@ -178,12 +180,14 @@ class Head(Algorithm):
     def client_update(
         self, model: torch.nn.Module, task: ClientTask, shard: ClientData, ctx: ClientContext
     ) -> Update:
-        """The base update, with the download loaded first (in float32) and the frozen
-        tensors held in ``frozen_dtype`` while the head trains."""
+        """The base update: the download loaded first (in float32), then local training
+        with the frozen tensors held in ``frozen_dtype``; the head is uploaded."""
         opts: HeadOptions = self.options  # type: ignore[assignment]
         load_tensors_(model, task.download)
         with frozen_in(model, opts.frozen_dtype):
-            return super().client_update(model, replace(task, download={}), shard, ctx)
+            metrics = local_train(model, shard, ctx, task.seed)
+            payload = trainable_tensors(model)
+        return Update(task.client_id, payload, len(shard), metrics)
 
     def prepare(self, model: torch.nn.Module, task: str) -> torch.nn.Module:
         model.requires_grad_(False)
