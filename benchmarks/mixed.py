@@ -39,11 +39,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from cells import RUNS, Cell, Ledger, learned, pct, run_cell, sweep, sweep_table
+from cells import RUNS, Cell, Ledger, at_edge, learned, pct, run_cell, sweep, sweep_table
 from common import RESULTS, ROOT, log, write_outputs
 
 from fedfit.units import format_bytes, format_flops
@@ -76,8 +77,7 @@ def method_sets(method: str, lrs: dict[str, float] | None = None) -> list[str]:
     if method == "auto":
         lrs = lrs or {}
         names = [CANDIDATES[c] + (f" lr={lrs[c]}" if c in lrs else "") for c in CANDIDATES]
-        return ["method.name=auto", "method.candidates=[" + ", ".join(
-            f'"{n}"' for n in names) + "]"]  # fmt: skip
+        return ["method.name=auto", f"method.candidates={json.dumps(names)}"]
     if method == "fedmezo":  # on LoRA (its default is full weights), as in the mixed run
         return ["method.name=fedmezo", "method.peft=lora"]
     if method == "head-bf16":
@@ -169,8 +169,6 @@ def tiers_of(run_dir: Path) -> dict[str, Any]:
 
 def participation(run_dir: Path) -> dict[str, float]:
     """Shares of devices and of training examples that ever trained."""
-    import json
-
     from fedfit.engine.runfolder import RunFolder
 
     folder = RunFolder(run_dir)
@@ -185,8 +183,6 @@ def participation(run_dir: Path) -> dict[str, float]:
 
 def shard_sizes(run_dir: Path, sets: list[str]) -> None:
     """Every client's training examples, for the data share that trained."""
-    import json
-
     from fedfit.config import load_config
     from fedfit.data import load_configured
     from fedfit.engine.setup import partition_clients
@@ -244,6 +240,10 @@ def markdown(result: dict[str, Any]) -> str:
                   f"{SWEEP[0].split('=')[1]} rounds on the dirichlet setting, lowest final eval "
                   "loss wins; auto gives each candidate its method's winner, and head-bf16 "
                   "takes head's.", "", *sweep_table(result["sweep"]), ""]  # fmt: skip
+        edges = [f"{m}: chosen lr {lr:g} is at the grid's edge"
+                 for m, lr in result.get("chosen_lr", {}).items()
+                 if m in LRS and at_edge(lr, LRS[m])]  # fmt: skip
+        lines += [*(f"- {e}" for e in edges), ""] if edges else []
     lines += ["## Verdicts", "", *[f"- {c}" for c in result["claims"]], ""]
     return "\n".join(lines) + "\n"
 

@@ -1,14 +1,15 @@
 """Mixed-method federations: every device trains with the strongest method its budget allows.
 
 ``[method] name = "auto"`` with ``candidates = [...]`` (registered method names, strongest
-first, each optionally with options of its own: ``"head frozen_dtype=bfloat16"``, and ``lr=...``, the candidate's own client learning rate
-in place of ``train.lr``: methods tuned alone keep their rates in the mix). Before
-round 1 each device gets the first candidate whose plan fits its budget (each candidate's own
-``plan``, so its own cost model and options); a device that fits none is excluded, with every
-candidate's reason. The default list ends with the head trained over a bfloat16 backbone
-(models/precision.py), which is what fits the smallest devices: on minilm-l6 a float32 head
-step needs 112 MB, the weights alone 91 MB, the bfloat16 one 56 MB. Every method of the run trains a part of ONE global
-model, so their updates fold into the same tensors:
+first, each optionally with options of its own, ``"head frozen_dtype=bfloat16"``, and
+``lr=...``, the candidate's client learning rate in place of ``train.lr``, so methods tuned
+alone keep their rates in the mix). Before round 1 each device gets the first candidate whose
+plan fits its budget (each candidate's own ``plan``, so its own cost model and options); a
+device that fits none is excluded, with every candidate's reason. The default list ends with
+the head trained over a bfloat16 backbone (models/precision.py), which is what fits the
+smallest devices: on minilm-l6 a float32 head step needs 112 MB, the weights alone 91 MB, the
+bfloat16 one 56 MB. Every method of the run trains a part of ONE global model, so their
+updates fold into the same tensors:
 
 - the adapter family (LoRA and the forward-gradient and zero-order methods on LoRA, plus
   ``head``): the model is wrapped once with LoRA (rank, alpha and targets from this section,
@@ -190,18 +191,19 @@ def own_options(name: str, values: dict[str, str], text: str) -> dict[str, Any]:
 
 
 def candidate_lr(values: dict[str, str], text: str) -> float | None:
-    """``lr=<value>``: the candidate's own client learning rate (``train.lr`` otherwise)."""
-    from fedfit.config import ConfigError
+    """``lr=<value>``: the candidate's own client learning rate (``train.lr`` otherwise),
+    read as ``--set`` reads a value."""
+    from fedfit.config import parse_value
+    from fedfit.errors import check
 
     if "lr" not in values:
         return None
-    try:
-        lr = float(values["lr"])
-    except ValueError:
-        lr = float("nan")
-    if not lr > 0 or lr == float("inf"):
-        raise ConfigError(f"method.candidates[{text!r}]: lr must be a number > 0")
-    return lr
+    lr = parse_value(values["lr"])
+    number = isinstance(lr, int | float) and not isinstance(lr, bool)
+    check(
+        number and 0 < lr < float("inf"), f"method.candidates[{text!r}]", "lr must be a number > 0"
+    )
+    return float(lr)
 
 
 def candidate_options(text: str, opts: MixedOptions) -> Any:

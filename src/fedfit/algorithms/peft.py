@@ -35,6 +35,7 @@ from fedfit.algorithms.base import (
 )
 from fedfit.algorithms.registry import register
 from fedfit.costs.spec import TrainSpec
+from fedfit.errors import check_choice
 from fedfit.models.precision import FROZEN_DTYPES, frozen_in
 from fedfit.models.structure import task_head
 from fedfit.planning import CostContext
@@ -156,13 +157,7 @@ class HeadOptions:
     )
 
     def __post_init__(self) -> None:
-        from fedfit.config import ConfigError
-
-        if self.frozen_dtype not in FROZEN_DTYPES:
-            raise ConfigError(
-                f"method.frozen_dtype: {self.frozen_dtype!r} is not one of "
-                + ", ".join(FROZEN_DTYPES)
-            )
+        check_choice(self.frozen_dtype, "method.frozen_dtype", FROZEN_DTYPES)
 
 
 class Head(Algorithm):

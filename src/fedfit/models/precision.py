@@ -5,7 +5,7 @@ float32: ``bfloat16`` halves the weights and every activation of the frozen laye
 trained tensors, their gradients and optimiser state stay in float32. That is the part of
 CoCoFL (Pfeiffer et al. 2023: frozen blocks run quantised) that carries over unchanged to a
 head-only step; fedfit does it with bfloat16 because CPUs with AVX-512 BF16 or AMX run its
-matrix products natively (faster than float32), where float16 is emulated.
+matrix products natively, where float16 is emulated.
 
 :func:`frozen_in` casts the parameters that do not require grad for the duration of a block
 and puts the float32 tensors back exactly afterwards (the simulation shares one model among
@@ -33,7 +33,7 @@ def dtype_of(name: str) -> torch.dtype:
 
     if name not in FROZEN_DTYPES:
         raise ValueError(f"frozen_dtype: {name!r} is not one of {', '.join(FROZEN_DTYPES)}")
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    return getattr(torch, name)  # type: ignore[no-any-return]
 
 
 def _cast_inputs(dtype: torch.dtype) -> Any:
