@@ -135,6 +135,19 @@ class Budget:
     flops_per_s: int | None = None
     bytes_per_s: int | None = None
 
+    @property
+    def constrained(self) -> bool:
+        """Whether any cost is bounded (memory, FLOPs, upload or download)."""
+        return any(
+            v is not None
+            for v in (
+                self.memory_bytes,
+                self.flops_per_round,
+                self.upload_bytes,
+                self.download_bytes,
+            )
+        )
+
     def __post_init__(self) -> None:
         if not 0 <= self.dropout < 1:
             raise ValueError(f"Budget.dropout must be in [0, 1), got {self.dropout}")

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedfit.costs.predict import CostEstimate, predict
+from fedfit.costs.predict import COST_MODELS, CostEstimate, has_cost_model, predict
 from fedfit.costs.spec import TrainSpec
 from fedfit.devices import Budget, Reference
 
@@ -50,8 +50,20 @@ class CostContext:
             steps=self.steps,
         )
 
+    @property
+    def predictable(self) -> bool:
+        """Whether the cost model covers this architecture (BERT, Llama; not the LSTM)."""
+        return has_cost_model(self.model_config)
+
     def reference(self) -> Reference:
         """What full fine-tuning needs (margin included): "1x" in budgets written as fractions."""
+        if not self.predictable:
+            raise ValueError(
+                "devices: budgets written as fractions of full fine-tuning ('0.25x') need "
+                f"the cost model, which does not cover model_type "
+                f"{self.model_config.model_type!r} (only {', '.join(COST_MODELS)}); give "
+                "budgets in bytes and FLOPs, or none"
+            )
         full = self.estimate(TrainSpec("full", optimizer=self.optimizer))
         return Reference(
             memory_bytes=self.padded(full.peak_bytes),
@@ -109,7 +121,19 @@ def describe_spec(spec: TrainSpec) -> str:
 
 
 def check(spec: TrainSpec, budget: Budget, ctx: CostContext) -> Plan:
-    """The plan for a fixed spec: fits or not, with the first exceeded resource named."""
+    """The plan for a fixed spec: fits or not, with the first exceeded resource named.
+
+    An architecture the cost model does not cover (the LSTM) is planned only for a device
+    with no budget: it trains, with no prediction (its costs are still measured); a budget
+    it cannot be checked against is an error naming the model type."""
+    if not ctx.predictable:
+        if budget.constrained:
+            raise ValueError(
+                f"no cost model for model_type {ctx.model_config.model_type!r} (only "
+                f"{', '.join(COST_MODELS)}): its devices' budgets cannot be checked; run it "
+                "without memory, FLOPs or upload budgets"
+            )
+        return Plan(True, "", spec, None, 0)
     estimate = ctx.estimate(spec)
     flops = estimate.flops_per_round(ctx.steps)
     ok, reason = budget.fits(

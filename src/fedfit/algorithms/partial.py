@@ -57,6 +57,7 @@ from fedfit.models.structure import embeddings, head_modules, transformer_layers
 from fedfit.planning import CostContext, Plan
 
 SELECTIONS = ("random", "round_robin")
+AGGREGATIONS = ("all_clients", "holders")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,13 @@ class PartialOptions:
     embeddings: bool = field(
         default=False, metadata={"help": "every client also trains the input embeddings"}
     )
+    aggregation: str = field(
+        default="all_clients",
+        metadata={
+            "help": "all_clients (a tensor's mean change over every client of the round, zero "
+            "where it was frozen) | holders (over the clients that trained it)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:
@@ -77,6 +85,11 @@ class PartialOptions:
         if self.selection not in SELECTIONS:
             raise ConfigError(
                 f"method.selection: {self.selection!r} is not one of {', '.join(SELECTIONS)}"
+            )
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(
+                f"method.aggregation: {self.aggregation!r} is not one of "
+                f"{', '.join(AGGREGATIONS)}"
             )
 
 
@@ -173,6 +186,12 @@ class PartialTraining(Algorithm):
 
     def aggregate(self, state: ServerState, updates: Sequence[Update]) -> ServerState:
         mean = self.combine(state, [u.payload for u in updates], [u.num_examples for u in updates])
+        if self.options.aggregation == "all_clients":
+            total = sum(u.num_examples for u in updates)
+            for name in mean:
+                share = sum(u.num_examples for u in updates if name in u.payload) / total
+                old = state.params[name].to(mean[name].dtype)
+                mean[name] = old + share * (mean[name] - old)
         return apply_server_update(state, mean, self.config.server)
 
     def rounds_to_cover(self) -> int:

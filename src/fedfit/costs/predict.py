@@ -183,6 +183,14 @@ class _Arch:
     tied: bool  # output projection tied to the input embedding (causal LM)
 
 
+COST_MODELS = ("bert", "llama")
+
+
+def has_cost_model(config: Any) -> bool:
+    """Whether :func:`predict` models this architecture (``model.config.model_type``)."""
+    return str(getattr(config, "model_type", "")) in COST_MODELS
+
+
 def _arch(config: Any) -> _Arch:
     family = str(config.model_type)
     h, heads = int(config.hidden_size), int(config.num_attention_heads)
@@ -226,7 +234,9 @@ def _arch(config: Any) -> _Arch:
             bool(config.mlp_bias),
             bool(config.tie_word_embeddings),
         )
-    raise ValueError(f"predict: no cost model for model_type {family!r} (bert, llama)")
+    raise ValueError(
+        f"predict: no cost model for model_type {family!r} ({', '.join(COST_MODELS)})"
+    )
 
 
 def _linears(arch: _Arch) -> list[tuple[str, int, int, bool]]:

@@ -178,8 +178,9 @@ def build(config: Config) -> RunSetup:
     torch.manual_seed(derive_seed(config.run.seed, 0x5EED))
     model = algorithm.prepare(model, task)
     clock.lap("model")
+    reference = ctx.reference() if ctx.predictable or config.devices.needs_reference else None
     population = build_population(
-        config.devices, config.data.num_clients, ctx.reference(), config.run.seed
+        config.devices, config.data.num_clients, reference, config.run.seed
     )
     plans = plan_population(algorithm, population.budgets, ctx)
     excluded = exclusions(plans)

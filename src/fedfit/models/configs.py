@@ -43,6 +43,17 @@ SMOLLM2_135M: dict[str, Any] = {
 # BPE tokenizer, every other setting as SmolLM2 (the size of Ro et al. 2022's ~21M FL model).
 SMOLLM2_19M: dict[str, Any] = {**SMOLLM2_135M, "vocab_size": 8192, "num_hidden_layers": 4}
 
+# lstm-19m (models/lstm.py): Ro et al. 2022's LSTM baseline at smollm2-19m's size, tokenizer
+# and width (2 projected LSTM layers of 1344 cells, tied 8192 x 576 embedding): 18.7M
+# parameters against smollm2-19m's 18.9M.
+LSTM_19M: dict[str, Any] = {
+    "vocab_size": SMOLLM2_19M["vocab_size"],
+    "hidden_size": 576,
+    "lstm_units": 1344,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 8192,
+}
+
 # Fast-test models: real tokenizers, random weights, a few thousand parameters per layer.
 TINY_BERT: dict[str, Any] = {
     "vocab_size": MINILM_VOCAB,
@@ -74,6 +85,15 @@ def bert_num_params(arch: Mapping[str, Any]) -> int:
     ffn = (h * i + i) + (i * h + h) + 2 * h  # up, down (+bias) + LayerNorm
     pooler = h * h + h
     return embeddings + arch["num_hidden_layers"] * (attention + ffn) + pooler
+
+
+def lstm_num_params(arch: Mapping[str, Any]) -> int:
+    """Parameters of models/lstm.py's model: the tied embedding and, per layer, PyTorch's
+    projected-LSTM tensors (input and recurrent weights of the four gates, two bias vectors,
+    the projection)."""
+    h, units = arch["hidden_size"], arch["lstm_units"]
+    layer = 4 * units * h + 4 * units * h + 2 * 4 * units + h * units
+    return int(arch["vocab_size"] * h + arch["num_hidden_layers"] * layer)
 
 
 def llama_num_params(arch: Mapping[str, Any]) -> int:

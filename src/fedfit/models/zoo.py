@@ -182,6 +182,24 @@ _REGISTRY: dict[str, _Entry] = {
             _smollm2_19m_dir,
         ),
         _Entry(
+            ModelInfo(
+                name="lstm-19m",
+                family="lstm",
+                tasks=("lm",),
+                num_layers=configs.LSTM_19M["num_hidden_layers"],
+                hidden_size=configs.LSTM_19M["hidden_size"],
+                num_params=configs.lstm_num_params(configs.LSTM_19M),
+                source="random init from the seed (tokenizer of smollm2-19m)",
+                install=sources.SMOLLM2_INSTALL,
+                description="LSTM language model of smollm2-19m's size and tokenizer (Ro et al. "
+                "2022's baseline): 2 projected LSTM layers of 1344 cells, tied 8192 x 576 "
+                "embedding; trained from scratch",
+            ),
+            configs.LSTM_19M,
+            _smollm2_19m_dir,
+            None,
+        ),
+        _Entry(
             _bert_info(
                 "tiny-bert",
                 configs.TINY_BERT,
@@ -270,6 +288,10 @@ def _local_entry(name: str) -> _Entry:
 def _model_class(family: str, task: str) -> Any:
     import transformers
 
+    if family == "lstm":
+        from fedfit.models.lstm import LstmForCausalLM
+
+        return LstmForCausalLM
     return getattr(
         transformers,
         {
@@ -282,6 +304,11 @@ def _model_class(family: str, task: str) -> Any:
 
 def _config_class(family: str) -> Any:
     import transformers
+
+    if family == "lstm":
+        from fedfit.models.lstm import LstmConfig
+
+        return LstmConfig
 
     return {"bert": transformers.BertConfig, "llama": transformers.LlamaConfig}[family]
 
