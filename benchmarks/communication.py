@@ -1,6 +1,6 @@
 """Communication-efficient federated LM fine-tuning: perplexity against cumulative upload.
 
-    .venv/bin/python benchmarks/communication.py [--model smollm2-19m] [--rounds 8]
+    .venv/bin/python benchmarks/communication.py [--model smollm2-19m] [--rounds 16]
     .venv/bin/python benchmarks/communication.py --model smollm2-135m --rounds 3
     .venv/bin/python benchmarks/communication.py --quick      # smoke test, tiny-llama
 
@@ -43,6 +43,7 @@ from typing import Any
 from common import (
     DEFAULT_TOML,
     RESULTS,
+    ROOT,
     by_round_table,
     fill_sizes,
     log,
@@ -56,6 +57,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 from fedfit.config import apply_overrides, from_dict
 from fedfit.units import format_bytes, format_duration, format_flops
 
+RUNS = ROOT / "runs" / "bench" / "communication"
 REFERENCE = "fedavg-fp32"
 CLAIM = 10.0  # ~10x less upload at the same perplexity
 CONFIGS: dict[str, list[str]] = {
@@ -65,14 +67,31 @@ CONFIGS: dict[str, list[str]] = {
     "partial-1/4-8bit": ["method.name=partial", "method.fraction=0.25", "compress.upload_bits=8"],
     "partial-1/4-4bit": ["method.name=partial", "method.fraction=0.25", "compress.upload_bits=4"],
     "lora": ["method.name=lora", "method.r=8", "method.alpha=16.0"],
+    # the per-holder mean partial training used before (method.aggregation's docs)
+    "partial-1/4-fp32-holders": [
+        "method.name=partial",
+        "method.fraction=0.25",
+        "method.aggregation=holders",
+    ],
+    # Ro et al.'s baseline: an LSTM of the same size and tokenizer, from scratch, every weight
+    "lstm-fp32": ["model.name=lstm-19m", "method.name=fedavg"],
     # extras (--configs): the subset without quantisation, quantisation without the subset
     "fedavg-8bit": ["method.name=fedavg", "compress.upload_bits=8"],
     "fedavg-4bit": ["method.name=fedavg", "compress.upload_bits=4"],
     "partial-1/2-fp32": ["method.name=partial", "method.fraction=0.5"],
     "partial-1/4-fp32": ["method.name=partial", "method.fraction=0.25"],
 }
-DEFAULT_CONFIGS = tuple(list(CONFIGS)[:6])
-FULL = {"model": "smollm2-19m", "rounds": 8, "eval_every": 1, "eval_examples": 300,
+DEFAULT_CONFIGS = (
+    "fedavg-fp32",
+    "partial-1/4-fp32",
+    "partial-1/4-8bit",
+    "partial-1/4-4bit",
+    "partial-1/4-fp32-holders",
+    "lora",
+    "lstm-fp32",
+)
+FROM_SCRATCH = ("lstm-fp32",)  # not the pretrained transformer: left out of the default target
+FULL = {"model": "smollm2-19m", "rounds": 16, "eval_every": 1, "eval_examples": 300,
         "num_clients": 100, "clients_per_round": 5, "local_steps": 5}  # fmt: skip
 QUICK = {"model": "tiny-llama", "rounds": 2, "eval_every": 1, "eval_examples": 40,
          "num_clients": 12, "clients_per_round": 3, "local_steps": 2}  # fmt: skip
@@ -97,13 +116,17 @@ def make_config(name: str, args: argparse.Namespace) -> tuple[Any, list[str]]:
         f"train.local_steps={args.local_steps}",
         f"train.batch_size={args.batch_size}",
         f"train.optimizer={args.optimizer}",
-        f"train.lr={args.lora_lr if name == 'lora' else args.lr}",
+        f"train.lr={lr_of(name, args)}",
         "server.optimizer=fedavg",
         "server.lr=1.0",
         f"compress.block={args.block}",
         *CONFIGS[name],
     ]
     return from_dict(apply_overrides(raw, overrides)), overrides
+
+
+def lr_of(name: str, args: argparse.Namespace) -> float:
+    return {"lora": args.lora_lr, "lstm-fp32": args.lstm_lr}.get(name, args.lr)
 
 
 def first_reaching(row: dict[str, Any], target: float) -> dict[str, Any] | None:
@@ -117,7 +140,8 @@ def summarise(result: dict[str, Any], given: float | None) -> None:
     if given is not None:
         target, why = given, "given by --target"
     else:
-        worst = max(rows, key=lambda r: r["best_perplexity"])
+        pretrained = [r for r in rows if r["config"] not in FROM_SCRATCH] or rows
+        worst = max(pretrained, key=lambda r: r["best_perplexity"])
         target = worst["best_perplexity"]
         why = f"the highest best perplexity among the configurations ({worst['config']}'s)"
     hits = {r["config"]: first_reaching(r, target) for r in rows}
@@ -135,6 +159,8 @@ def summarise(result: dict[str, Any], given: float | None) -> None:
                       "client_flops": hit and hit["client_flops"],
                       "upload_saving_vs_fedavg": saving})  # fmt: skip
     result.update(target=target, target_reason=why, headline=heads, verdict=verdict(heads, ref))
+    result["at_fedavg_best"] = at_fedavg_best(rows)
+    result["lstm"] = lstm_comparison(rows)
     firsts = [r["curve"][0]["perplexity"] <= target for r in rows if r["curve"]]
     result["caveats"] = (
         ["Every configuration reached the target at its first evaluation: the ratios are "
@@ -142,6 +168,38 @@ def summarise(result: dict[str, Any], given: float | None) -> None:
         if len(firsts) > 1 and all(firsts)
         else []
     )  # fmt: skip
+
+
+def at_fedavg_best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Upload each configuration needed to reach fedavg-fp32's own best perplexity."""
+    ref = next((r for r in rows if r["config"] == REFERENCE), None)
+    if ref is None:
+        return None
+    best = ref["best_perplexity"]
+    hits = {}
+    for r in rows:
+        hit = first_reaching(r, best)
+        hits[r["config"]] = hit and {"round": hit["round"], "upload_bytes": hit["upload_bytes"]}
+    return {"perplexity": best, "hits": hits}
+
+
+def lstm_comparison(rows: list[dict[str, Any]]) -> str | None:
+    """Ro et al.'s other half: the pretrained transformer with partial training and quantised
+    uploads against the LSTM from scratch, final perplexity and cumulative upload."""
+    lstm = next((r for r in rows if r["config"] == "lstm-fp32"), None)
+    partial = [r for r in rows if r["config"].startswith("partial") and r["curve"]]
+    if lstm is None or not lstm["curve"] or not partial:
+        return None
+    best = min(partial, key=lambda r: r["final_perplexity"])
+    up_t, up_l = best["curve"][-1]["upload_bytes"], lstm["curve"][-1]["upload_bytes"]
+    ratio = (best["final_perplexity"] / lstm["final_perplexity"] - 1) * 100
+    return (
+        f"Transformer vs LSTM (claim: the same or better perplexity at ~10x less upload): "
+        f"{best['config']} ends at perplexity {best['final_perplexity']:.1f} with "
+        f"{format_bytes(up_t)} uploaded; lstm-fp32 (from scratch) at "
+        f"{lstm['final_perplexity']:.1f} with {format_bytes(up_l)}: perplexity {ratio:+.0f}%, "
+        f"upload {up_l / max(up_t, 1):.1f}x less for the transformer."
+    )
 
 
 def verdict(heads: list[dict[str, Any]], ref: dict[str, Any] | None) -> str:
@@ -177,7 +235,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{args['clients_per_round']} per round, {args['rounds']} rounds x "
         f"{args['local_steps']} local steps of batch {args['batch_size']} (max length "
         f"{args['max_length']}), client {args['optimizer']} lr {args['lr']:g} (lora "
-        f"{args['lora_lr']:g}), server FedAvg lr 1. Perplexity on {args['eval_examples']} "
+        f"{args['lora_lr']:g}, lstm {args['lstm_lr']:g}), server FedAvg lr 1. Perplexity on {args['eval_examples']} "
         f"held-out speeches, every {args['eval_every']} round(s). Quantised uploads: unbiased "
         f"stochastic rounding of the update, one scale per {args['block'] or 'tensor'} numbers "
         "(fp32 min and step per block counted). Upload: measured serialised bytes, cumulated "
@@ -193,6 +251,23 @@ def markdown(result: dict[str, Any]) -> str:
             f"**{result['verdict']}**",
             "",
         ]
+    fed = result.get("at_fedavg_best")
+    if fed:
+        reached = [
+            f"{k} at round {h['round']} ({format_bytes(h['upload_bytes'])})"
+            for k, h in fed["hits"].items()
+            if h
+        ]
+        never = [k for k, h in fed["hits"].items() if not h]
+        out += [
+            f"FedAvg's own best perplexity {fed['perplexity']:.2f}: reached by "
+            + ", ".join(reached)
+            + (f"; never reached by {', '.join(never)}" if never else "")
+            + ".",
+            "",
+        ]
+    if result.get("lstm"):
+        out += [result["lstm"], ""]
     out += notes_lines(result)
     heads = {h["config"]: h for h in result.get("headline", [])}
     out += [
@@ -266,6 +341,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--optimizer", default="adamw", help="client optimiser (adamw)")
     parser.add_argument("--lr", type=float, default=3e-4, help="client lr (3e-4)")
     parser.add_argument("--lora-lr", type=float, default=3e-3, help="client lr of lora (3e-3)")
+    parser.add_argument("--lstm-lr", type=float, default=1e-3, help="client lr of lstm (1e-3)")
     parser.add_argument("--block", type=int, default=256, help="numbers per quantisation scale")
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS))
     parser.add_argument("--target", type=float, help="target perplexity (see docstring)")
@@ -278,13 +354,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
         parser.error(f"--configs: unknown {unknown}; allowed {', '.join(CONFIGS)}")
-    args.runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="fedfit-communication-"))
+    if args.runs_dir is None:
+        args.runs_dir = (
+            Path(tempfile.mkdtemp(prefix="fedfit-communication-")) if args.quick else RUNS
+        )
+    args.runs_dir = Path(args.runs_dir)
     if args.out is None:
         stem = "communication_quick" if args.quick else "communication"
         if not args.quick and args.model != FULL["model"]:
             stem += "_" + args.model
         args.out = str((args.runs_dir if args.quick else RESULTS) / stem)
     return args
+
+
+def finished_rows(out: Path, args: dict[str, Any]) -> dict[str, Any] | None:
+    """The result JSON of an earlier run of the same arguments (rows finished so far), so a
+    stopped benchmark continues where it was; None when there is none or it differs."""
+    path = out.with_suffix(".json")
+    if not path.exists():
+        return None
+    earlier = json.loads(path.read_text())
+    if earlier.get("args") != args or earlier.get("pretrained_perplexity") is None:
+        return None
+    return earlier
 
 
 def pretrained_perplexity(args: argparse.Namespace) -> float:
@@ -301,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     command = shlex.join([".venv/bin/python", "benchmarks/communication.py", *argv])
     keys = ("model", "rounds", "eval_every", "eval_examples", "num_clients", "clients_per_round",
-            "local_steps", "batch_size", "max_length", "optimizer", "lr", "lora_lr", "block",
+            "local_steps", "batch_size", "max_length", "optimizer", "lr", "lora_lr", "lstm_lr",
+            "block",
             "configs", "target")  # fmt: skip
     result: dict[str, Any] = {
         "command": command,
@@ -318,13 +411,20 @@ def main(argv: list[str] | None = None) -> None:
         write_outputs(result, out, markdown, plot)
 
     log(f"runs in {args.runs_dir}; results to {out}.md/.json/.png")
-    result["pretrained_perplexity"] = pretrained_perplexity(args)
+    done = finished_rows(out, result["args"])
+    if done is not None:
+        result.update(pretrained_perplexity=done["pretrained_perplexity"], rows=done["rows"])
+        log(f"resuming: {', '.join(r['config'] for r in done['rows']) or 'no run'} done")
+    else:
+        result["pretrained_perplexity"] = pretrained_perplexity(args)
     log(f"perplexity before fine-tuning: {result['pretrained_perplexity']:.2f}")
     save()
     for name in args.configs:
+        if any(r["config"] == name for r in result["rows"]):
+            continue
         log(f"{name} (elapsed {time.perf_counter() - t_start:.0f} s)")
         config, overrides = make_config(name, args)
-        row = {"config": name, "overrides": overrides, **run_and_read(config)}
+        row = {"config": name, "overrides": overrides, **run_and_read(config, resume=True)}
         log(f"  {name}: perplexity {row['final_perplexity']:.2f} in {row['train_s']:.0f} s")
         result["rows"].append(row)
         save()
