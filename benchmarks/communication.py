@@ -60,6 +60,7 @@ from fedfit.units import format_bytes, format_duration, format_flops
 RUNS = ROOT / "runs" / "bench" / "communication"
 REFERENCE = "fedavg-fp32"
 CLAIM = 10.0  # ~10x less upload at the same perplexity
+PARTIAL_4BIT = ["method.name=partial", "method.fraction=0.25", "compress.upload_bits=4"]
 CONFIGS: dict[str, list[str]] = {
     "fedavg-fp32": ["method.name=fedavg"],
     "partial-1/2-8bit": ["method.name=partial", "method.fraction=0.5", "compress.upload_bits=8"],
@@ -118,7 +119,7 @@ def make_config(name: str, args: argparse.Namespace) -> tuple[Any, list[str]]:
         f"train.optimizer={args.optimizer}",
         f"train.lr={lr_of(name, args)}",
         "server.optimizer=fedavg",
-        "server.lr=1.0",
+        "server.lr=1.0",  # a configuration may set its own (the -slr rows)
         f"compress.block={args.block}",
         *CONFIGS[name],
     ]
@@ -374,8 +375,13 @@ def finished_rows(out: Path, args: dict[str, Any]) -> dict[str, Any] | None:
     if not path.exists():
         return None
     earlier = json.loads(path.read_text())
-    if earlier.get("args") != args or earlier.get("pretrained_perplexity") is None:
+    same = {k: v for k, v in earlier.get("args", {}).items() if k != "configs"} == {
+        k: v for k, v in args.items() if k != "configs"
+    }
+    if not same or earlier.get("pretrained_perplexity") is None:
         return None
+    # rows of configurations still asked for (a longer --configs adds to them)
+    earlier["rows"] = [r for r in earlier["rows"] if r["config"] in args["configs"]]
     return earlier
 
 

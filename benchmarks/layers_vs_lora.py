@@ -1,25 +1,30 @@
-"""Layer fine-tuning vs LoRA vs full FedAvg under device memory budgets, side by side.
+"""Layer fine-tuning vs LoRA vs full fine-tuning under device memory budgets, at convergence.
 
-    .venv/bin/python benchmarks/layers_vs_lora.py [--rounds 10] [--methods layers,lora,...]
-    .venv/bin/python benchmarks/layers_vs_lora.py --quick      # smoke test, ~1-2 min on 2 cores
+    .venv/bin/python benchmarks/layers_vs_lora.py            # sweep, then every cell (resumable)
+    .venv/bin/python benchmarks/layers_vs_lora.py --quick    # tiny-bert smoke test, ~3 min
 
-Checks the claim of Pfeiffer et al. (arXiv 2411.07826, docs/methods.md): "layer
-fine-tuning beats LoRA at equal memory and FLOP budgets". Every run starts from
-examples/default.toml (tweets, 100 clients, Dirichlet(0.5), 10 per round) and differs only in
-the method and the device population: homogeneous memory budgets of 1/8, 1/4, 1/2 and 1x of
-full fine-tuning memory (``devices.memory``), and the heterogeneous mix of those four tiers
-(the [devices] table of examples/heterogeneous.toml). Methods: ``layers`` (deepest top-n that
-fits), ``lora`` (r=8 of default.toml; a device fits it or is excluded), ``hetlora`` (only if
-registered when the script runs) and ``fedavg`` (full fine-tuning, non-fitting devices
-excluded). A setting where no device fits a method is a row "all devices excluded", not a
-crash. Client learning rates are per method (``--lr``): default.toml's 3e-3 is tuned for
-LoRA adapters and is far too high for AdamW on whole pretrained blocks.
+Checks the claim of Pfeiffer et al. (arXiv 2411.07826, docs/methods.md): "layer fine-tuning
+beats LoRA at equal memory and FLOP budgets, and is on par with it under tight upload budgets".
 
-Per (setting, method): final accuracy, majority baseline, devices excluded, mean trained depth
-or rank (clients.jsonl "trained"), measured per-client peak memory (max over all updates) and
-FLOPs per round (mean), upload per client per round, wall time of the run. Writes
-``--out``.json / .md / .png (accuracy vs budget per method); the JSON is rewritten after every
-run so a stopped benchmark keeps what it finished.
+Task: examples/default.toml (tweets, 3 classes, 100 clients, Dirichlet(0.5), 10 per round, 4
+local AdamW steps of batch 16 x 64 tokens), every run from the same task-aligned start (the
+federated class-mean head of 10 clients, ``model.head_init = "ncm"``), ``run.lanes = 2`` and
+length-bucketed batches for speed.
+
+Budgets (the device's peak training memory) are fractions of minilm-l6's full fine-tuning
+peak, written into the config in bytes, so that minilm-l3 (3 blocks, the paper's "smaller
+model" choice) runs under the very same devices: 1/8x, 1/4x, 1/2x, 1x homogeneous, ``het``
+(examples/heterogeneous.toml's four tiers, a quarter of the devices each) and ``upload``
+(memory 1x, upload per round at most LoRA r=8's predicted upload: the tight upload budget).
+
+Methods: ``layers`` (deepest top-n that fits the device), ``lora`` (r = 8, alpha 16; a device
+fits it or is excluded), ``fedavg`` (full fine-tuning; non-fitting devices excluded), and
+``cocofl`` when registered. Client lr per method from a sweep (``LRS``) of ``SWEEP`` rounds at
+1x on minilm-l6, chosen by the lowest final eval loss; the long runs (``LONG``) use the winner
+on both models. A cell where no device fits is a row with the planner's reason, not a run.
+
+The ledger benchmarks/results/layers_vs_lora.json keeps every finished cell and each cell is
+a resumable run folder under runs/bench/layers_vs_lora: a rerun continues where it stopped.
 """
 
 from __future__ import annotations
@@ -27,454 +32,341 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import shlex
 import sys
-import tempfile
-import time
-import tomllib
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from cells import RUNS, Cell, Ledger, at_edge, pct, pick, run_cell
+from common import DEFAULT_TOML, RESULTS, ROOT, log
 from matplotlib.figure import Figure
 
 from fedfit.algorithms import ALGORITHMS
-from fedfit.config import Config, apply_overrides, from_dict
-from fedfit.engine.experiment import run
-from fedfit.engine.runfolder import RunFolder
-from fedfit.log import log
-from fedfit.units import format_bytes, format_duration, format_flops
+from fedfit.units import format_bytes, format_flops
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_TOML = ROOT / "examples" / "default.toml"
-HETEROGENEOUS_TOML = ROOT / "examples" / "heterogeneous.toml"
-METHODS = ("layers", "lora", "hetlora", "fedavg")
-BUDGETS = ("1/8x", "1/4x", "1/2x", "1x", "het")
-# AdamW client lr per method. LoRA's is default.toml's (tuned for adapters); methods that
-# train whole pretrained blocks use a fine-tuning lr, the same for both so layers and fedavg
-# differ only in what they train.
-LRS = {"lora": 3e-3, "hetlora": 3e-3, "layers": 1e-4, "fedavg": 1e-4}
-FULL = {"rounds": 10, "local_steps": 4, "eval_examples": 500, "model": "minilm-l6"}
-QUICK = {"rounds": 2, "local_steps": 2, "eval_examples": 100, "model": "tiny-bert"}
-QUICK_DATA = {"num_clients": 12, "clients_per_round": 3}
+NAME = "layers_vs_lora"
+HETEROGENEOUS = ROOT / "examples" / "heterogeneous.toml"
+METHODS = ("layers", "lora", "fedavg", "cocofl")
+MODELS = ("minilm-l6", "minilm-l3")
+# cells in order of importance: a stopped run has the headline settings first
+BUDGETS = ("1x", "het", "1/2x", "upload", "1/4x", "1/8x")
+FRACTIONS = {"1/8x": 1 / 8, "1/4x": 1 / 4, "1/2x": 1 / 2, "1x": 1.0}
+TIERS = {"eighth": 1 / 8, "quarter": 1 / 4, "half": 1 / 2, "full": 1.0}
+LRS = {
+    "layers": (1e-5, 3e-5, 1e-4, 3e-4),
+    "lora": (3e-4, 1e-3, 3e-3, 1e-2),
+    "fedavg": (1e-5, 3e-5, 1e-4),
+    "cocofl": (1e-5, 3e-5, 1e-4, 3e-4),
+}
+METHOD_SETS = {
+    "layers": ["method.name=layers"],
+    "lora": ["method.name=lora", "method.r=8", "method.alpha=16.0"],
+    "fedavg": ["method.name=fedavg"],
+    "cocofl": ["method.name=cocofl"],
+}
+COMMON = [
+    "data.eval_examples=500",
+    "run.lanes=2",
+    "train.bucket_by_length=true",
+    "model.head_init=ncm",
+    "model.head_init_clients=10",
+]
+SWEEP = ["run.rounds=10", "run.eval_every=10"]
+LONG = ["run.rounds=40", "run.eval_every=5"]
+QUICK = ["model.max_length=32", "data.num_clients=12", "data.clients_per_round=3",
+         "data.eval_examples=60", "train.local_steps=2", "data.min_examples=5",
+         "model.head_init_clients=4"]  # fmt: skip
+QUICK_SWEEP = ["run.rounds=1", "run.eval_every=1"]
+QUICK_LONG = ["run.rounds=2", "run.eval_every=1"]
+QUICK_MODELS = {"minilm-l6": "tiny-bert", "minilm-l3": "tiny-bert"}
 NO_FIT = "no device of the population fits"
 
 
-def _toml(value: Any) -> str:
-    # JSON strings, numbers and lists of them are valid TOML values.
-    return json.dumps(list(value) if isinstance(value, tuple) else value)
+def references(model: str, batch: int, seq_len: int, steps: int) -> dict[str, int]:
+    """What full fine-tuning of ``model`` needs (the planner's reference, margin included),
+    and LoRA r=8's predicted upload per round: the amounts the budgets are fractions of."""
+    from transformers import BertConfig
+
+    from fedfit.config import load_config
+    from fedfit.costs.spec import TrainSpec
+    from fedfit.models import configs
+    from fedfit.planning import CostContext
+
+    arch = {"minilm-l6": configs.MINILM_L6, "tiny-bert": configs.TINY_BERT}[model]
+    margin = load_config(DEFAULT_TOML).devices.margin
+    ctx = CostContext(BertConfig(**arch), "classification", 3, batch, seq_len, steps, "adamw",
+                      margin=margin)  # fmt: skip
+    lora = ctx.estimate(TrainSpec("lora", lora_rank=8, optimizer="adamw"))
+    return {"memory": ctx.reference().memory_bytes, "lora_upload": lora.upload_bytes}
 
 
-def heterogeneous_devices() -> dict[str, Any]:
-    """The [devices] table of examples/heterogeneous.toml (the four memory tiers)."""
-    return dict(tomllib.loads(HETEROGENEOUS_TOML.read_text())["devices"])
+def budget_sets(budget: str, ref: dict[str, int]) -> list[str]:
+    """``--set`` strings of one budget setting, in bytes (see the module docstring)."""
+    if budget in FRACTIONS:
+        memory = math.floor(FRACTIONS[budget] * ref["memory"])
+        return ["devices.population=homogeneous", f"devices.memory={memory}B"]
+    if budget == "upload":
+        return ["devices.population=homogeneous", f"devices.memory={ref['memory']}B",
+                f"devices.upload={ref['lora_upload']}B"]  # fmt: skip
+    tiers = [f"{name} share=0.25 memory={math.floor(f * ref['memory'])}B"
+             for name, f in TIERS.items()]  # fmt: skip
+    return ["devices.population=tiers", f"devices.tiers={json.dumps(tiers)}"]
 
 
-def setting_overrides(budget: str) -> list[str]:
-    """``--set`` overrides for one budget setting: a homogeneous memory fraction, or "het"."""
-    if budget == "het":
-        return [f"devices.{k}={_toml(v)}" for k, v in heterogeneous_devices().items()]
-    return ["devices.population=homogeneous", f"devices.memory={budget}"]
+def budget_label(budget: str, ref: dict[str, int]) -> str:
+    """The budget in human units, as the table shows it."""
+    if budget in FRACTIONS:
+        return f"memory {format_bytes(math.floor(FRACTIONS[budget] * ref['memory']))}"
+    if budget == "upload":
+        return f"memory {format_bytes(ref['memory'])}, upload {format_bytes(ref['lora_upload'])}"
+    return "tiers " + " / ".join(
+        format_bytes(math.floor(f * ref["memory"])) for f in TIERS.values()
+    )
 
 
-def method_table(method: str, base: dict[str, Any]) -> dict[str, Any]:
-    """default.toml's [method] options that this method accepts (LoRA's r and alpha carry
-    over to hetlora; layers and fedavg take none of them)."""
-    accepted = {f.name for f in fields(ALGORITHMS[method].options)}
-    return {"name": method, **{k: v for k, v in base.items() if k in accepted}}
+def cell_key(stage: str, model: str, budget: str, method: str, lr: float) -> str:
+    return f"{stage}-{model}-{budget.replace('/', '_')}-{method}-lr{lr:g}"
 
 
-def make_config(
-    method: str, budget: str, args: argparse.Namespace, lr: float
-) -> tuple[Config, list[str]]:
-    """The run's config: default.toml, this method, this budget, the benchmark's sizes."""
-    raw = tomllib.loads(DEFAULT_TOML.read_text())
-    raw["method"] = method_table(method, raw.get("method", {}))
-    overrides = [
-        f"run.name={run_name(budget, method)}",
-        f"run.output_dir={_toml(str(args.runs_dir))}",
-        f"run.rounds={args.rounds}",
-        f"train.local_steps={args.local_steps}",
-        f"train.lr={lr}",
-        f"data.eval_examples={args.eval_examples}",
-        f"model.name={args.model}",
-        *setting_overrides(budget),
-    ]
-    if args.quick:
-        overrides += [f"data.{k}={v}" for k, v in QUICK_DATA.items()]
-    return from_dict(apply_overrides(raw, overrides)), overrides
-
-
-def run_name(budget: str, method: str) -> str:
-    return f"{'het' if budget == 'het' else 'mem-' + budget.replace('/', '_')}-{method}"
-
-
-def trained_stats(clients: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean trained depth (blocks) and LoRA rank over every client update, parsed from the
-    "trained" field ("top 3 blocks + head", "LoRA r=8 + head", "full model", "head only")."""
-    depths: list[int] = []
-    ranks: list[int] = []
-    kinds: set[str] = set()
-    for c in clients:
-        text = c.get("trained") or ""
-        if m := re.search(r"top (\d+) blocks", text):
-            depths.append(int(m.group(1)))
-            kinds.add("layers")
-        elif m := re.search(r"\br=(\d+)", text):
-            ranks.append(int(m.group(1)))
-            kinds.add("lora")
-        elif text == "head only":
-            depths.append(0)
-            kinds.add("layers")
-        elif text:
-            kinds.add(text)
-    return {
-        "mean_depth": sum(depths) / len(depths) if depths else None,
-        "depths": sorted(set(depths)),
-        "mean_rank": sum(ranks) / len(ranks) if ranks else None,
-        "ranks": sorted(set(ranks)),
-        "kinds": sorted(kinds),
-    }
-
-
-def measure_run(method: str, budget: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One federated run; a population where nobody fits becomes an "excluded" row."""
-    lr = args.lrs[method]
-    config, overrides = make_config(method, budget, args, lr)
-    row: dict[str, Any] = {"budget": budget, "method": method, "lr": lr, "overrides": overrides}
-    t0 = time.perf_counter()
-
-    def progress(round_: int, total: int, evaluation: dict[str, Any] | None) -> None:
-        acc = f", accuracy {evaluation['accuracy']:.3f}" if evaluation else ""
-        log(f"    round {round_}/{total}{acc} ({time.perf_counter() - t0:.0f} s)")
-
+def run_or_exclude(ledger: Ledger, common: list[str], cell: Cell) -> dict[str, Any]:
+    """The cell's figures, or a row naming why no device fits (kept in the ledger too)."""
+    if cell.key in ledger.cells:
+        return ledger.cells[cell.key]
     try:
-        run_dir = run(config, overwrite=True, progress=progress, plots=False)
+        return run_cell(ledger, NAME, DEFAULT_TOML, common, cell)
     except ValueError as err:
         if NO_FIT not in str(err):
             raise
-        return {**row, "status": "all devices excluded", "reason": str(err)}
-    folder = RunFolder(run_dir)
-    summary, clients = folder.summary(), folder.clients()
-    rounds = max(summary["rounds_completed"], 1)
-    per_client = summary["per_client"]
-    return {
-        **row,
-        "status": "ok",
-        "run_dir": str(run_dir),
-        "final_accuracy": summary["final"]["accuracy"],
-        "majority_baseline": summary["majority_baseline"],
-        "num_clients": summary["num_clients"],
-        "excluded_clients": summary["excluded_clients"],
-        "excluded_reasons": sorted(set(summary["excluded"].values())),
-        **trained_stats(clients),
-        "peak_memory_bytes_max": per_client["peak_memory_bytes_max"],
-        "flops_per_round_mean": per_client["flops_mean"],
-        "upload_bytes_per_client_mean": per_client["upload_bytes_mean"],
-        "upload_bytes_per_round": summary["cum_upload_bytes"] / rounds,
-        "budget_memory_bytes": sorted(
-            {c["budget"]["memory_bytes"] for c in clients if c.get("budget")}
-        ),
-        "run_wall_s": summary["wall_s"],
-        "process_wall_s": round(time.perf_counter() - t0, 2),
-    }
+        row = {"key": cell.key, "method": cell.method, **cell.info, "excluded_all": str(err)}
+        ledger.cells[cell.key] = row
+        ledger.save()
+        log(f"  {cell.key}: {err}")
+        return row
 
 
-def _eval_se(p: float, n: int) -> float:
-    """Binomial standard error of an accuracy measured on ``n`` examples."""
-    return math.sqrt(max(p * (1 - p), 1e-12) / n)
+def verdict(rows: list[dict[str, Any]], eval_examples: int) -> list[str]:
+    """Layers against LoRA in every (model, budget) where both trained, beyond 2 standard
+    errors of a difference of two accuracies on ``eval_examples`` examples."""
+    by = {(r["model"], r["budget"], r["method"]): r for r in rows}
+    lines = []
+    for model in MODELS:
+        for budget in BUDGETS:
+            a, b = by.get((model, budget, "layers")), by.get((model, budget, "lora"))
+            if not a or not b:
+                continue
+            ran_a, ran_b = "excluded_all" not in a, "excluded_all" not in b
+            where = f"{model} at {budget}"
+            if ran_a and ran_b:
+                pa, pb = a["final_accuracy"], b["final_accuracy"]
+                se = math.sqrt((pa * (1 - pa) + pb * (1 - pb)) / eval_examples)
+                word = "wins" if pa - pb > 2 * se else "loses" if pb - pa > 2 * se else "ties"
+                lines.append(
+                    f"{where}: layers {word} ({pct(pa)} vs {pct(pb)}, "
+                    f"{100 * (pa - pb):+.1f} pts, 2 s.e. {200 * se:.1f}; FLOPs per client "
+                    f"round {a['flops_per_client_round'] / b['flops_per_client_round']:.2f}x "
+                    "LoRA's)"
+                )
+            elif ran_a:
+                lines.append(f"{where}: only layers fits a device (LoRA: all excluded)")
+            elif ran_b:
+                lines.append(f"{where}: only LoRA fits a device (layers: all excluded)")
+            else:
+                lines.append(f"{where}: neither fits any device")
+    return lines
 
 
-def verdict(rows: list[dict[str, Any]], eval_examples: int) -> str:
-    """One line, computed from the rows: does ``layers`` beat ``lora`` at equal budgets?
-
-    A difference counts only beyond two standard errors of the difference of two accuracies on
-    the same ``eval_examples`` held-out examples (treated as independent: conservative)."""
-    by = {(r["budget"], r["method"]): r for r in rows}
-    wins: list[str] = []
-    ties: list[str] = []
-    losses: list[str] = []
-    only_layers: list[str] = []
-    only_lora: list[str] = []
-    neither: list[str] = []
-    flop_ratios: list[float] = []
-    for budget in dict.fromkeys(r["budget"] for r in rows):
-        layers, lora = by.get((budget, "layers")), by.get((budget, "lora"))
-        if layers is None or lora is None:
-            continue
-        ok_layers, ok_lora = layers["status"] == "ok", lora["status"] == "ok"
-        if not ok_layers and not ok_lora:
-            neither.append(budget)
-        elif not ok_lora:
-            only_layers.append(budget)
-        elif not ok_layers:
-            only_lora.append(budget)
-        else:
-            a, b = layers["final_accuracy"], lora["final_accuracy"]
-            se = math.hypot(_eval_se(a, eval_examples), _eval_se(b, eval_examples))
-            (wins if a - b > 2 * se else losses if b - a > 2 * se else ties).append(
-                f"{budget}: {100 * (a - b):+.1f} pts"
-            )
-            flop_ratios.append(layers["flops_per_round_mean"] / lora["flops_per_round_mean"])
-    if not (wins or ties or losses or only_layers or only_lora):
-        return "Verdict: no budget setting ran both layers and lora; the claim is untested."
-
-    def listed(items: list[str]) -> str:
-        return f" ({'; '.join(items)})" if items else ""
-
-    parts = [
-        f"where both trained (layers minus LoRA accuracy), layers won {len(wins)}{listed(wins)}, "
-        f"tied within 2 s.e. {len(ties)}{listed(ties)} and lost {len(losses)}{listed(losses)} "
-        f"of {len(wins) + len(ties) + len(losses)} settings"
-    ]
-    if flop_ratios:
-        lo, hi = min(flop_ratios), max(flop_ratios)
-        span = f"{lo:.2f}x" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}-{hi:.2f}x"
-        parts.append(f"layers used {span} LoRA's measured FLOPs per client per round there")
-    if only_layers:
-        parts.append(f"only layers could train at {', '.join(only_layers)} (LoRA fit no device)")
-    if only_lora:
-        parts.append(f"only LoRA could train at {', '.join(only_lora)}")
-    if neither:
-        parts.append(f"neither fit any device at {', '.join(neither)}")
-    supported = not losses and (wins or only_layers)
-    head = "supported" if supported else "not supported" if losses else "not shown"
-    return f"Verdict: claim {head} here: " + "; ".join(parts) + "."
-
-
-def _trained_cell(r: dict[str, Any]) -> str:
-    if r.get("mean_depth") is not None:
-        span = r["depths"]
-        spread = f" ({span[0]}-{span[-1]})" if len(span) > 1 else ""
-        return f"depth {r['mean_depth']:.2f}{spread}"
-    if r.get("mean_rank") is not None:
-        span = r["ranks"]
-        spread = f" ({span[0]}-{span[-1]})" if len(span) > 1 else ""
-        return f"rank {r['mean_rank']:.2f}{spread}"
-    return ", ".join(r.get("kinds", [])) or "-"
-
-
-def _budget_label(budget: str) -> str:
-    return "het (1/8, 1/4, 1/2, 1x tiers)" if budget == "het" else f"{budget} (homog.)"
+def flattened(row: dict[str, Any]) -> str:
+    """Gain over the last 10 rounds of a long run (curve points every 5 rounds)."""
+    curve = row.get("curve") or []
+    if len(curve) < 3:
+        return "-"
+    return f"{100 * (curve[-1]['accuracy'] - curve[-3]['accuracy']):+.1f}"
 
 
 def markdown(result: dict[str, Any]) -> str:
-    rows, args = result["rows"], result["args"]
-    majority = next((r["majority_baseline"] for r in rows if r["status"] == "ok"), None)
     out = [
-        f"# Layer fine-tuning vs LoRA under memory budgets: {args['model']}, tweets",
+        "# Layer fine-tuning vs LoRA vs full fine-tuning under memory budgets, at convergence",
         "",
         f"Command: `{result['command']}`",
         "",
-        f"{args['num_clients']} clients, Dirichlet(0.5), {args['clients_per_round']} per round, "
-        f"{args['rounds']} rounds x {args['local_steps']} local steps of batch 16 x 64 tokens; "
-        f"accuracy on {args['eval_examples']} held-out tweets (majority class "
-        f"{'n/a' if majority is None else f'{100 * majority:.1f}%'}). Budgets are peak "
-        "training memory as a fraction of full fine-tuning's; het = examples/heterogeneous.toml "
-        "(a quarter of the devices in each tier). Client AdamW lr per method: "
-        + ", ".join(f"{m} {args['lrs'][m]:g}" for m in args["methods"])
-        + ". Peak memory is the max over every client update, FLOPs and upload are per client "
-        "per round (mean), all measured.",
+        result["setting"],
         "",
-        'Claim (docs/methods.md, Pfeiffer et al.): "layer fine-tuning beats LoRA at equal '
-        'memory and FLOP budgets".',
+        "Claim (Pfeiffer et al.): layer fine-tuning beats LoRA at equal memory and FLOP "
+        "budgets, and is on par with it under tight upload budgets.",
         "",
-        result["verdict"],
+        "Verdict, cell by cell (final accuracy after the long run):",
         "",
+        *[f"- {line}" for line in result["verdict"]],
+        "",
+        *[f"Note: {n}" for n in result["notes"]],
+        "",
+        "Chosen client lr (sweep at 1x on minilm-l6, lowest final eval loss): "
+        + ", ".join(
+            f"{m} {lr:g}" + (" (grid edge)" if m in result["edge"] else "")
+            for m, lr in result["lrs"].items()
+        ),  # fmt: skip
+        "",
+        "| model | budget | method | round 0 | final | best | last 10 rounds | devices "
+        "trained | depth / rank | peak memory (max) | budget | FLOPs / client / round | "
+        "upload / client / round | wall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    out += [f"Note: {n}" for n in result["notes"]]
-    out += [
-        "",
-        "| budget | method | final acc. | excluded | trained (mean) | peak memory (max) "
-        "| FLOPs / round | upload / round | wall time |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        label = _budget_label(r["budget"])
-        if r["status"] != "ok":
-            out.append(
-                f"| {label} | {r['method']} | - | all devices excluded "
-                f"({r['reason'].replace('|', '/')}) | - | - | - | - | - |"
-            )
+    for r in result["rows"]:
+        head = f"| {r['model']} | {r['budget']} | {r['method']} |"
+        if "excluded_all" in r:
+            reason = r["excluded_all"].split(": ", 1)[-1]
+            out.append(f"{head} - | - | - | - | 0% | - | - | - | - | - | all excluded: {reason} |")
             continue
         out.append(
-            f"| {label} | {r['method']} | {100 * r['final_accuracy']:.1f}% | "
-            f"{r['excluded_clients']}/{r['num_clients']} | {_trained_cell(r)} | "
-            f"{format_bytes(r['peak_memory_bytes_max'])} | "
-            f"{format_flops(r['flops_per_round_mean'])} | "
-            f"{format_bytes(r['upload_bytes_per_client_mean'])} | "
-            f"{format_duration(r['run_wall_s'])} |"
+            f"{head} {pct(r['start_accuracy'])} | {pct(r['final_accuracy'])} | "
+            f"{pct(r['best_accuracy'])} | {flattened(r)} | {pct(r.get('trained_share'))} | "
+            f"{r.get('trained', '-')} | {format_bytes(r['peak_memory_bytes_max'])} | "
+            f"{r['budget_text']} | {format_flops(r['flops_per_client_round'])} | "
+            f"{format_bytes(r['upload_bytes_per_client'])} | {r['cell_wall_s'] / 60:.1f} min |"
+        )
+    out += ["", "Sweep (final eval loss / accuracy after the sweep rounds; * = chosen):", "",
+            "| method | lr | eval loss | accuracy |", "|---|---|---|---|"]  # fmt: skip
+    for p in result["sweep"]:
+        loss = "-" if p.get("final_loss") is None else f"{p['final_loss']:.3f}"
+        acc = pct(p.get("final_accuracy"))
+        out.append(
+            f"| {p['method']}{'*' if p.get('chosen') else ''} | {p['lr']:g} | {loss} | {acc} |"
         )
     return "\n".join(out) + "\n"
 
 
 def plot(result: dict[str, Any]) -> Figure:
-    """Final accuracy vs budget, one line per method over the homogeneous budgets and the
-    heterogeneous mix as its own x position; a setting where every device was excluded is an
-    open marker on the bottom edge."""
-    rows, budgets = result["rows"], result["args"]["budgets"]
-    xs = {b: i for i, b in enumerate(budgets)}
-    fig = Figure(figsize=(7, 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    oks = [r["final_accuracy"] for r in rows if r["status"] == "ok"]
-    majority = next((r["majority_baseline"] for r in rows if r["status"] == "ok"), None)
-    low = min([*oks, majority or 1.0, 1.0]) - 0.05
-    bottom = max(0.0, low - 0.03)
-    markers = dict(zip(METHODS, "osD^", strict=True))
-    for i, method in enumerate(result["args"]["methods"]):
-        color = f"C{i}"
-        # Methods side by side at each x, so equal accuracies do not hide each other.
-        dodge = (i - (len(result["args"]["methods"]) - 1) / 2) * 0.06
-        mine = [r for r in rows if r["method"] == method]
-        label: str | None = method
-        # The homogeneous budgets form a line; the heterogeneous mix is a lone point.
-        for group in (
-            [r for r in mine if r["budget"] != "het" and r["status"] == "ok"],
-            [r for r in mine if r["budget"] == "het" and r["status"] == "ok"],
-        ):
-            if not group:
-                continue
-            ax.plot(
-                [xs[r["budget"]] + dodge for r in group],
-                [r["final_accuracy"] for r in group],
-                marker=markers.get(method, "o"),
-                color=color,
-                label=label,
-            )
-            label = None
-        excluded = [r for r in mine if r["status"] != "ok"]
-        ax.plot(
-            [xs[r["budget"]] + dodge for r in excluded],
-            [bottom + 0.005] * len(excluded),
-            marker="x",
-            color=color,
-            linestyle="none",
-        )
-    if majority is not None:
-        ax.axhline(majority, color="grey", linestyle=":", label="majority class")
-    if "het" in xs:
-        ax.axvline(xs["het"] - 0.5, color="grey", linewidth=0.8)
-    ax.set_xticks(list(xs.values()), [b if b != "het" else "het mix" for b in budgets])
-    ax.set_xlim(-0.5, len(budgets) - 0.5)
-    ax.set_ylim(bottom=bottom)
-    ax.set_xlabel("device memory budget (fraction of full fine-tuning peak memory)")
-    ax.set_ylabel("final accuracy")
-    ax.set_title(
-        f"{result['args']['model']}, tweets: x on the bottom edge = all devices excluded",
-        fontsize=9,
-    )
-    if ax.get_legend_handles_labels()[1]:
-        ax.legend(fontsize=8)
+    """Accuracy by round (from round 0) per cell that ran, one panel per model."""
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    axes = dict(zip(MODELS, fig.subplots(1, len(MODELS)), strict=True))
+    styles = {"1x": "-", "het": "--", "1/2x": ":", "1/4x": "-.", "upload": (0, (1, 3)),
+              "1/8x": (0, (5, 5))}  # fmt: skip
+    colours = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    for r in result["rows"]:
+        if "excluded_all" in r or not r.get("curve"):
+            continue
+        ax = axes[r["model"]]
+        ax.plot([p["round"] for p in r["curve"]], [p["accuracy"] for p in r["curve"]],
+                linestyle=styles[r["budget"]], color=colours[r["method"]], marker=".",
+                label=f"{r['method']} {r['budget']}")  # fmt: skip
+    for model, ax in axes.items():
+        ax.set(title=model, xlabel="round (0 = the class-mean start)", ylabel="accuracy")
+        ax.legend(fontsize=7)
     return fig
 
 
-def write(result: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    plot(result).savefig(out.with_suffix(".png"), dpi=120)
+def trained_summary(run_dir: str) -> tuple[float | None, str]:
+    """Share of the population that ever trained, and the depth / rank trained."""
+    from fedfit.engine.runfolder import RunFolder
 
-
-def parse_lrs(text: str) -> dict[str, float]:
-    """ "layers=1e-4,lora=3e-3" (or "all=1e-3") onto the per-method defaults."""
-    lrs = dict(LRS)
-    for item in filter(None, text.split(",")):
-        name, _, value = item.partition("=")
-        for m in METHODS if name.strip() == "all" else [name.strip()]:
-            lrs[m] = float(value)
-    return lrs
+    folder = RunFolder(Path(run_dir))
+    clients = folder.clients()
+    summary = folder.summary()
+    kinds = sorted({c.get("trained", "") for c in clients if c.get("round", 0) > 0})
+    share = 1 - summary["excluded_clients"] / summary["num_clients"]
+    return share, "; ".join(kinds)[:80]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, help=f"default {FULL['rounds']}")
-    parser.add_argument("--local-steps", type=int, help=f"default {FULL['local_steps']}")
-    parser.add_argument("--eval-examples", type=int, help=f"default {FULL['eval_examples']}")
-    parser.add_argument("--model", help=f"default {FULL['model']}")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--budgets", default=",".join(BUDGETS), help="memory fractions and het")
-    parser.add_argument("--lr", default="", help="per-method client lr, e.g. layers=2e-4,all=1e-3")
-    parser.add_argument("--out", help="output stem (default benchmarks/results/layers_vs_lora)")
-    parser.add_argument("--runs-dir", help="where the run folders go (default: a temp folder)")
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke test: tiny-bert, 12 clients, 3/round, 2 rounds"
-    )
-    args = parser.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    args.budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        parser.error(f"--methods: unknown {unknown}; allowed {', '.join(METHODS)}")
-    args.lrs = parse_lrs(args.lr)
-    args.runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="fedfit-layers-vs-lora-"))
-    if args.out is None:
-        # A smoke test never overwrites the committed results.
-        stem = "layers_vs_lora_quick" if args.quick else "layers_vs_lora"
-        args.out = str((args.runs_dir if args.quick else RESULTS) / stem)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny-bert smoke test")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                   help="default: every registered one of " + ", ".join(METHODS))  # fmt: skip
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    p.add_argument("--budgets", nargs="+", choices=BUDGETS, default=list(BUDGETS))
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.methods is None:
+        args.methods = [m for m in METHODS if m in ALGORITHMS]
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    name = NAME + ("-quick" if args.quick else "")
+    out = args.out or (Path("/tmp") / name if args.quick else RESULTS / name)
+    common = COMMON + (QUICK if args.quick else [])
+    sweep_sets, long_sets = (QUICK_SWEEP, QUICK_LONG) if args.quick else (SWEEP, LONG)
     command = shlex.join([".venv/bin/python", "benchmarks/layers_vs_lora.py", *argv])
-    notes = []
-    for m in [m for m in args.methods if m not in ALGORITHMS]:
-        notes.append(f"{m} is not registered in fedfit.algorithms.ALGORITHMS: skipped.")
-        log(notes[-1])
-    methods = [m for m in args.methods if m in ALGORITHMS]
-    if "hetlora" in methods:
-        notes.append(
-            "hetlora was registered in fedfit.algorithms.ALGORITHMS at run time: included."
-        )
-    data = QUICK_DATA if args.quick else {"num_clients": 100, "clients_per_round": 10}
-    result: dict[str, Any] = {
-        "command": command,
-        "args": {
-            **{k: getattr(args, k) for k in ("rounds", "local_steps", "eval_examples", "model")},
-            **data,
-            "methods": methods,
-            "requested_methods": args.methods,
-            "budgets": args.budgets,
-            "lrs": {m: args.lrs[m] for m in methods},
-            "runs_dir": str(args.runs_dir),
-        },
-        "notes": notes,
-        "rows": [],
-        "verdict": "",
-    }
-    out = Path(args.out)
-    total = len(methods) * len(args.budgets)
-    t_start = time.perf_counter()
-    log(f"runs in {args.runs_dir}; results to {out}.md/.json/.png")
+    setting = (
+        "tweets, 100 clients (Dirichlet 0.5), 10 per round, 4 local AdamW steps of 16 x 64 "
+        "tokens, class-mean head start; budgets are fractions of minilm-l6's full "
+        "fine-tuning peak memory (margin included), in bytes for both models; accuracy on "
+        "500 held-out tweets; long runs 40 rounds, evaluated every 5."
+    )
+    ledger = Ledger(out.with_suffix(".json"), {"setting": setting, "benchmark": name,
+                                               "base": common})  # fmt: skip
+    ref_model = "tiny-bert" if args.quick else "minilm-l6"
+    ref = references(ref_model, 16, 32 if args.quick else 64, 2 if args.quick else 4)
+    result: dict[str, Any] = {"rows": [], "sweep": [], "notes": [], "lrs": {}, "edge": [],
+                              "verdict": [], "references": ref}  # fmt: skip
+
+    def model_sets(model: str) -> list[str]:
+        return [f"model.name={QUICK_MODELS[model] if args.quick else model}"]
+
+    def write() -> None:
+        result["verdict"] = verdict(result["rows"], 60 if args.quick else 500)
+        result.update(command=command, setting=setting)
+        ledger.data.update(result)
+        ledger.save()
+        out.with_suffix(".md").write_text(markdown(result))
+        if any("curve" in r for r in result["rows"]):
+            plot(result).savefig(out.with_suffix(".png"), dpi=110)
+
+    # 1. each method's lr: a short run per grid point at 1x on minilm-l6
+    for method in args.methods:
+        points = []
+        for lr in LRS[method]:
+            cell = Cell(
+                cell_key("sweep", "minilm-l6", "1x", method, lr),
+                method,
+                [
+                    *METHOD_SETS[method],
+                    *model_sets("minilm-l6"),
+                    *budget_sets("1x", ref),
+                    *sweep_sets,
+                    f"train.lr={lr}",
+                ],  # fmt: skip
+                {"lr": lr},
+            )
+            points.append(run_or_exclude(ledger, common, cell))
+        best = pick([q for q in points if "excluded_all" not in q])
+        if best is None:
+            result["notes"].append(f"{method}: every sweep point diverged or was excluded")
+            continue
+        result["sweep"] += [{**q, "chosen": q is best} for q in points]
+        result["lrs"][method] = best["lr"]
+        if at_edge(best["lr"], LRS[method]):
+            result["edge"].append(method)
+        write()
+    # 2. the long runs, most important settings first
     for budget in args.budgets:
-        for method in methods:
-            n = len(result["rows"]) + 1
-            log(
-                f"[{n}/{total}] {method} at {budget} "
-                f"(elapsed {format_duration(time.perf_counter() - t_start)})"
-            )
-            row = measure_run(method, budget, args)
-            log(
-                f"[{n}/{total}] {method} at {budget}: "
-                + (
-                    f"accuracy {row['final_accuracy']:.3f}, {row['excluded_clients']} excluded, "
-                    f"{format_duration(row['process_wall_s'])}"
-                    if row["status"] == "ok"
-                    else row["reason"]
+        for model in args.models:
+            for method in result["lrs"]:
+                lr = result["lrs"][method]
+                sets = budget_sets(budget, ref)
+                cell = Cell(
+                    cell_key("long", model, budget, method, lr),
+                    method,
+                    [
+                        *METHOD_SETS[method],
+                        *model_sets(model),
+                        *sets,
+                        *long_sets,
+                        f"train.lr={lr}",
+                    ],  # fmt: skip
+                    {"lr": lr, "model": model, "budget": budget},
                 )
-            )
-            result["rows"].append(row)
-            result["verdict"] = verdict(result["rows"], args.eval_examples)
-            result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
-            write(result, out)
-    log(f"done in {format_duration(time.perf_counter() - t_start)}")
-    print(out.with_suffix(".md").read_text())
+                row = dict(run_or_exclude(ledger, common, cell))
+                row.update(model=model, budget=budget)
+                row["budget_text"] = budget_label(budget, ref)
+                if "run_dir" in row:
+                    row["trained_share"], row["trained"] = trained_summary(row["run_dir"])
+                result["rows"].append(row)
+                write()
+    write()
+    log(f"wrote {out.with_suffix('.md')} (run folders under {RUNS / name})")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedfit.algorithms import make_algorithm
-from fedfit.algorithms.base import ClientContext, ServerState, Update
+from fedfit.algorithms.base import ClientContext, ServerState, Update, load_tensors_
 from fedfit.algorithms.partial import blocks_per_client, choose_blocks
 from fedfit.config import load_config
 from fedfit.engine.meter import CostMeter
@@ -99,8 +100,9 @@ def test_round_robin_covers_every_block_and_random_is_seeded() -> None:
     assert blocks_per_client(30, 1 / 4) == 8 and blocks_per_client(3, 0.1) == 1
 
 
-def test_aggregate_averages_each_tensor_over_the_clients_that_trained_it() -> None:
-    config, algorithm, model, _ = setup()
+@pytest.mark.parametrize("aggregation", ["all_clients", "holders"])
+def test_aggregate_by_hand(aggregation: str) -> None:
+    config, algorithm, model, _ = setup(f"method.aggregation={aggregation}")
     state = algorithm.init(model)
     name_a = next(n for n in state.params if block_of(n) == 0)
     name_b = next(n for n in state.params if block_of(n) == 1)
@@ -112,10 +114,73 @@ def test_aggregate_averages_each_tensor_over_the_clients_that_trained_it() -> No
     ]
     new = algorithm.aggregate(state, updates)
     assert isinstance(new, ServerState) and new.round == 1
-    # fedavg, server lr 1: weighted mean over holders; untrained tensors keep their value
-    torch.testing.assert_close(new.params[name_a], a + (10 * 1.0 - 30 * 2.0) / 40)
-    torch.testing.assert_close(new.params[name_b], b + 3.0)
+    # fedavg, server lr 1; a tensor nobody trained keeps its value either way
     torch.testing.assert_close(new.params[name_c], state.params[name_c])
+    # both clients trained a: the two rules agree on it
+    torch.testing.assert_close(new.params[name_a], a + (10 * 1.0 - 30 * 2.0) / 40)
+    if aggregation == "holders":  # b: the mean over its one holder, its whole change
+        torch.testing.assert_close(new.params[name_b], b + 3.0)
+    else:  # b: the mean change over both clients, client 1's being zero (frozen)
+        torch.testing.assert_close(new.params[name_b], b + (10 * 3.0 + 30 * 0.0) / 40)
+
+
+def federated_losses(aggregation: str, rounds: int = 6) -> list[float]:
+    """Held-out loss per round (round 0 first) of partial training at fraction 1/4 on a tiny
+    Llama made overconfident (final norm x 100, as smollm2-19m starts at perplexity ~1e5):
+    5 clients per round, each on its own random tokens from a 20-token vocabulary."""
+    config, algorithm, model, ctx = setup(
+        "method.fraction=0.25",
+        f"method.aggregation={aggregation}",
+        "train.local_steps=5",
+        "train.batch_size=8",
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "num_hidden_layers": LAYERS}))
+    with torch.no_grad():
+        model.model.norm.weight.mul_(100.0)
+    model = algorithm.prepare(model, "lm")
+    vocab = (1000, 1020)
+    held = random_shard(99, 64, 99, lm=True, vocab=vocab, length=12)
+    ids = torch.tensor(np.stack(held.seqs)).long()
+    state = algorithm.init(model)
+
+    def loss() -> float:
+        load_tensors_(model, state.params)
+        model.eval()
+        with torch.no_grad():
+            return float(model(input_ids=ids, labels=ids).loss)
+
+    losses = [loss()]
+    for r in range(rounds):
+        clients = list(range(5))
+        algorithm.start_round(state, clients)
+        updates = [
+            algorithm.client_update(
+                model,
+                algorithm.configure(state, c, seed=1000 * r + c),
+                random_shard(c, 32, c + 100 * r, lm=True, vocab=vocab, length=12),
+                ctx,
+            )
+            for c in clients
+        ]
+        state = algorithm.aggregate(state, updates)
+        losses.append(loss())
+    return losses
+
+
+def test_the_all_clients_mean_falls_where_the_per_holder_mean_rises_again() -> None:
+    """The reported rise of held-out perplexity, reproduced in small: with the per-holder
+    mean each block takes one client's whole change, and the clients' corrections of the
+    same error (here the overconfident logits) made in different blocks add up in the merged
+    model; the mean over every client (zero change where frozen) is FedAvg of the clients'
+    changes and falls every round."""
+    holders = federated_losses("holders")
+    rises = [b - a for a, b in zip(holders, holders[1:], strict=False)]
+    assert max(rises) > 1.0, holders  # the bug: a round that makes the model worse
+    assert holders[-1] > min(holders) + 1.0, holders
+    fixed = federated_losses("all_clients")
+    assert all(b < a for a, b in zip(fixed, fixed[1:], strict=False)), fixed
+    assert fixed[-1] < holders[-1] - 3.0
 
 
 def test_each_block_choice_is_metered_for_itself() -> None:

@@ -71,8 +71,6 @@ def test_one_training_step_lowers_the_loss_on_a_fixed_batch() -> None:
 
 def test_same_seed_same_weights() -> None:
     a, b, c = tiny(0), tiny(0), tiny(1)
-    for (name, p), q, r in zip(
-        a.named_parameters(), b.parameters(), c.parameters(), strict=True
-    ):
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q), name
     assert not all(torch.equal(p, r) for p, r in zip(a.parameters(), c.parameters(), strict=True))

@@ -2,6 +2,7 @@
 
 from fedfit.algorithms import (  # noqa: F401  (registration side effects)
     backprop,
+    cocofl,
     forward,
     hetlora,
     layers,

@@ -29,6 +29,7 @@ Choices the paper leaves open, made here:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -191,7 +192,8 @@ class LayerFineTuning(Algorithm):
 
         def train() -> dict[str, float]:
             if cache is None:
-                return local_train(model, shard, ctx, task.seed, eval_modules=frozen)
+                with self.precision(model):
+                    return local_train(model, shard, ctx, task.seed, eval_modules=frozen)
             with cache.replaying():
                 view = _CachedShard(shard, cache)
                 meter = _PrefixMeter(ctx.meter, cache)
@@ -200,6 +202,11 @@ class LayerFineTuning(Algorithm):
         payload, metrics = train_subset(model, names, allowed, train)
         metrics["trained_layers"] = float(task.config["depth"])
         return Update(task.client_id, payload, len(shard), metrics)
+
+    def precision(self, model: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
+        """What the frozen tensors are held in during a client's training: as they are
+        (CoCoFL, algorithms/cocofl.py, holds them in a lower precision)."""
+        return contextlib.nullcontext()
 
     def aggregate(self, state: ServerState, updates: Sequence[Update]) -> ServerState:
         mean = self.combine(state, [u.payload for u in updates], [u.num_examples for u in updates])

@@ -234,9 +234,7 @@ def _arch(config: Any) -> _Arch:
             bool(config.mlp_bias),
             bool(config.tie_word_embeddings),
         )
-    raise ValueError(
-        f"predict: no cost model for model_type {family!r} ({', '.join(COST_MODELS)})"
-    )
+    raise ValueError(f"predict: no cost model for model_type {family!r} ({', '.join(COST_MODELS)})")
 
 
 def _linears(arch: _Arch) -> list[tuple[str, int, int, bool]]:
@@ -841,7 +839,7 @@ def _static_costs(
     trained = [(t.name, t.shape) for t in _share(every, spec)]
     trainable_params = sum(_numel(s) for _, s in trained)
     weights = F32 * sum(_numel(s) for _, s, _ in params) + _buffers_bytes(arch)
-    if spec.frozen_dtype != "float32":  # a head-only step: every tensor but the head's
+    if spec.frozen_dtype != "float32":  # every tensor but the trained ones
         frozen_numel = sum(_numel(s) for _, s, _ in params) - trainable_params
         weights += (FROZEN_DTYPES[spec.frozen_dtype] - F32) * frozen_numel
     if spec.kind in ("lora", "ia3"):  # the adapters and peft's trainable copy of the head
@@ -961,7 +959,7 @@ def predict(
     activations, flops = _step_costs(
         arch, spec, passes, F32 * trainable_params, batch_size * seq_len
     )
-    if spec.frozen_dtype != "float32":
+    if spec.frozen_dtype != "float32" and spec.kind == "head":
         # a head-only step's activations are the frozen layers' outputs, in their dtype (the
         # head's own b x h input and b x labels output in float32 are a few kB)
         activations = activations * FROZEN_DTYPES[spec.frozen_dtype] // F32

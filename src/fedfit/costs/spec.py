@@ -55,8 +55,9 @@ class TrainSpec:
     per matrix, the full second moment of vectors, one RMS scalar per tensor).
 
     ``frozen_dtype``: the precision the device holds its frozen weights in ("float32", or
-    "bfloat16", models/precision.py); the trained tensors stay float32. Modelled for a
-    head-only backprop step, where every activation is a frozen layer's.
+    "bfloat16", models/precision.py); the trained tensors stay float32. Modelled for
+    backprop steps of the head alone (every activation is then a frozen layer's) and of the
+    top blocks (CoCoFL: the frozen prefix below them).
     """
 
     kind: str
@@ -97,10 +98,12 @@ class TrainSpec:
             raise ValueError(
                 f"TrainSpec.frozen_dtype: {self.frozen_dtype!r} not in {tuple(FROZEN_DTYPES)}"
             )
-        if self.frozen_dtype != "float32" and (self.kind, self.step) != ("head", "backprop"):
+        if self.frozen_dtype != "float32" and (
+            self.kind not in ("head", "layers") or self.step != "backprop"
+        ):
             raise ValueError(
                 "TrainSpec.frozen_dtype: lower-precision frozen weights are modelled for "
-                "kind='head' with backprop only"
+                "kind='head' or 'layers' with backprop only"
             )
 
     def targets(self, family: str) -> tuple[str, ...]:

@@ -52,7 +52,8 @@ class LstmConfig(PretrainedConfig):  # type: ignore[misc]
         # Not a limit of the LSTM: the tokenizer truncates to it, as for the other zoo models.
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        super().__init__(**kwargs)
+        self.tie_word_embeddings = tie_word_embeddings
 
 
 class _Pretrained(PreTrainedModel):  # type: ignore[misc]
@@ -87,6 +88,8 @@ class LstmModel(_Pretrained):
         return self.embed_tokens
 
     def set_input_embeddings(self, value: torch.nn.Module) -> None:
+        if not isinstance(value, torch.nn.Embedding):
+            raise TypeError(f"lstm: the input embedding must be an nn.Embedding, not {value}")
         self.embed_tokens = value
 
     def forward(self, input_ids: torch.Tensor, **_: Any) -> torch.Tensor:
@@ -113,7 +116,7 @@ class LstmForCausalLM(_Pretrained):
         return self.model.embed_tokens
 
     def set_input_embeddings(self, value: torch.nn.Module) -> None:
-        self.model.embed_tokens = value
+        self.model.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> None:
         return None  # tied by construction: the logits use the input embedding's matrix
@@ -135,4 +138,3 @@ class LstmForCausalLM(_Pretrained):
                 ignore_index=IGNORE_INDEX,
             )
         return CausalLMOutput(loss=loss, logits=logits)
-

@@ -9,9 +9,9 @@ matrix products natively, where float16 is emulated.
 
 :func:`frozen_in` casts the parameters that do not require grad for the duration of a block
 and puts the float32 tensors back exactly afterwards (the simulation shares one model among
-clients of different precisions). A module with a trained parameter of its own gets a
-forward pre-hook that casts its floating inputs to that parameter's dtype, so the float32
-head reads the bfloat16 features. torch is imported inside the functions (see
+clients of different precisions). Each outermost module whose parameters are all trained
+(a trained block, the pooler, the classifier) gets a forward pre-hook that casts its
+floating inputs to their dtype, so the float32 layers read the bfloat16 features. torch is imported inside the functions (see
 models/structure.py).
 """
 
@@ -39,13 +39,32 @@ def dtype_of(name: str) -> torch.dtype:
 def _cast_inputs(dtype: torch.dtype) -> Any:
     import torch
 
-    def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return tuple(
-            a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-            for a in args
-        )
+    def cast(a: Any) -> Any:
+        return a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+    def hook(
+        module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
     return hook
+
+
+def _trained_roots(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The outermost modules whose every parameter is trained: where frozen outputs enter
+    trained ones (a trained block, the pooler, the classifier). Casting once there keeps one
+    float32 copy of a block's input, not one per projection reading it."""
+    trained = {
+        name: module
+        for name, module in model.named_modules()
+        if any(True for _ in module.parameters())
+        and all(p.requires_grad for p in module.parameters())
+    }
+
+    def parent(name: str) -> str:
+        return name.rsplit(".", 1)[0] if "." in name else ""
+
+    return [m for name, m in trained.items() if not name or parent(name) not in trained]
 
 
 @contextlib.contextmanager
@@ -67,10 +86,9 @@ def frozen_in(model: torch.nn.Module, dtype_name: str) -> Iterator[None]:
             if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
                 kept.append((p, p.data))
                 p.data = p.data.to(dtype)
-        for module in model.modules():
-            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            if own:
-                hooks.append(module.register_forward_pre_hook(_cast_inputs(own[0].dtype)))
+        for module in _trained_roots(model):
+            dtype_in = next(module.parameters()).dtype
+            hooks.append(module.register_forward_pre_hook(_cast_inputs(dtype_in), with_kwargs=True))
         yield
     finally:
         for handle in hooks:
