@@ -18,10 +18,12 @@ model" choice) runs under the very same devices: 1/8x, 1/4x, 1/2x, 1x homogeneou
 (memory 1x, upload per round at most LoRA r=8's predicted upload: the tight upload budget).
 
 Methods: ``layers`` (deepest top-n that fits the device), ``lora`` (r = 8, alpha 16; a device
-fits it or is excluded), ``fedavg`` (full fine-tuning; non-fitting devices excluded), and
-``cocofl`` when registered. Client lr per method from a sweep (``LRS``) of ``SWEEP`` rounds at
-1x on minilm-l6, chosen by the lowest final eval loss; the long runs (``LONG``) use the winner
-on both models. A cell where no device fits is a row with the planner's reason, not a run.
+fits it or is excluded), ``fedavg`` (full fine-tuning; non-fitting devices excluded) and
+``cocofl`` (layers over a bfloat16 frozen prefix). Client lr of layers and lora from a sweep
+(``LRS``) of ``SWEEP`` rounds at 1x on minilm-l6, chosen by the lowest final eval loss;
+fedavg and cocofl take layers' winner (``LR_OF``); the long runs (``LONG``) use them on both
+models. The cells run are ``CELLS`` (``--all``: every budget x model x method). A cell where
+no device fits is a row with the planner's reason, not a run.
 
 The ledger benchmarks/results/layers_vs_lora.json keeps every finished cell and each cell is
 a resumable run folder under runs/bench/layers_vs_lora: a rerun continues where it stopped.
@@ -52,12 +54,25 @@ MODELS = ("minilm-l6", "minilm-l3")
 BUDGETS = ("1x", "het", "1/2x", "upload", "1/4x", "1/8x")
 FRACTIONS = {"1/8x": 1 / 8, "1/4x": 1 / 4, "1/2x": 1 / 2, "1x": 1.0}
 TIERS = {"eighth": 1 / 8, "quarter": 1 / 4, "half": 1 / 2, "full": 1.0}
-LRS = {
-    "layers": (1e-5, 3e-5, 1e-4, 3e-4),
-    "lora": (3e-4, 1e-3, 3e-3, 1e-2),
-    "fedavg": (1e-5, 3e-5, 1e-4),
-    "cocofl": (1e-5, 3e-5, 1e-4, 3e-4),
-}
+LRS = {"layers": (1e-5, 3e-5, 1e-4), "lora": (3e-4, 1e-3, 3e-3)}
+# methods that update whole pretrained blocks as layers does take its winner: fedavg (every
+# block) and cocofl (layers over a bfloat16 prefix)
+LR_OF = {"fedavg": "layers", "cocofl": "layers"}
+# the cells run by default, most telling first: (budget, model, methods). 1x: every method
+# fits minilm-l6; het: the four tiers; 1/2x and 1/4x: where minilm-l6's LoRA and layers stop
+# fitting, minilm-l3 (the smaller model) and cocofl (the low-precision prefix) are the ways
+# in; upload and 1/8x: mostly nobody fits (planner rows, no training). --all: the product.
+CELLS = (
+    ("1x", "minilm-l6", ("layers", "lora", "fedavg")),
+    ("het", "minilm-l6", ("layers", "lora", "cocofl")),
+    ("1/2x", "minilm-l6", ("layers", "cocofl", "lora")),
+    ("1/2x", "minilm-l3", ("lora", "layers")),
+    ("1/4x", "minilm-l6", ("cocofl", "layers")),
+    ("1/4x", "minilm-l3", ("layers", "lora", "cocofl")),
+    ("upload", "minilm-l6", ("layers", "lora")),
+    ("1/8x", "minilm-l6", ("cocofl",)),
+    ("1/8x", "minilm-l3", ("cocofl", "layers")),
+)
 METHOD_SETS = {
     "layers": ["method.name=layers"],
     "lora": ["method.name=lora", "method.r=8", "method.alpha=16.0"],
@@ -72,7 +87,7 @@ COMMON = [
     "model.head_init_clients=10",
 ]
 SWEEP = ["run.rounds=10", "run.eval_every=10"]
-LONG = ["run.rounds=40", "run.eval_every=5"]
+LONG = ["run.rounds=30", "run.eval_every=5"]
 QUICK = ["model.max_length=32", "data.num_clients=12", "data.clients_per_round=3",
          "data.eval_examples=60", "train.local_steps=2", "data.min_examples=5",
          "model.head_init_clients=4"]  # fmt: skip
@@ -274,6 +289,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="default: every registered one of " + ", ".join(METHODS))  # fmt: skip
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--budgets", nargs="+", choices=BUDGETS, default=list(BUDGETS))
+    p.add_argument("--all", action="store_true", help="every budget x model x method")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.methods is None:
@@ -293,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         "tweets, 100 clients (Dirichlet 0.5), 10 per round, 4 local AdamW steps of 16 x 64 "
         "tokens, class-mean head start; budgets are fractions of minilm-l6's full "
         "fine-tuning peak memory (margin included), in bytes for both models; accuracy on "
-        "500 held-out tweets; long runs 40 rounds, evaluated every 5."
+        "500 held-out tweets; long runs 30 rounds, evaluated every 5."
     )
     ledger = Ledger(out.with_suffix(".json"), {"setting": setting, "benchmark": name,
                                                "base": common})  # fmt: skip
@@ -315,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
             plot(result).savefig(out.with_suffix(".png"), dpi=110)
 
     # 1. each method's lr: a short run per grid point at 1x on minilm-l6
-    for method in args.methods:
+    for method in [m for m in args.methods if m in LRS]:
         points = []
         for lr in LRS[method]:
             cell = Cell(
@@ -340,31 +356,38 @@ def main(argv: list[str] | None = None) -> None:
         if at_edge(best["lr"], LRS[method]):
             result["edge"].append(method)
         write()
+    for method, source in LR_OF.items():
+        if method in args.methods and source in result["lrs"]:
+            result["lrs"][method] = result["lrs"][source]
     # 2. the long runs, most important settings first
-    for budget in args.budgets:
-        for model in args.models:
-            for method in result["lrs"]:
-                lr = result["lrs"][method]
-                sets = budget_sets(budget, ref)
-                cell = Cell(
-                    cell_key("long", model, budget, method, lr),
-                    method,
-                    [
-                        *METHOD_SETS[method],
-                        *model_sets(model),
-                        *sets,
-                        *long_sets,
-                        f"train.lr={lr}",
-                    ],  # fmt: skip
-                    {"lr": lr, "model": model, "budget": budget},
-                )
-                row = dict(run_or_exclude(ledger, common, cell))
-                row.update(model=model, budget=budget)
-                row["budget_text"] = budget_label(budget, ref)
-                if "run_dir" in row:
-                    row["trained_share"], row["trained"] = trained_summary(row["run_dir"])
-                result["rows"].append(row)
-                write()
+    cells = (
+        [(b, m, tuple(args.methods)) for b in args.budgets for m in args.models]
+        if args.all
+        else [c for c in CELLS if c[0] in args.budgets and c[1] in args.models]
+    )
+    for budget, model, methods in cells:
+        for method in [m for m in methods if m in args.methods and m in result["lrs"]]:
+            lr = result["lrs"][method]
+            sets = budget_sets(budget, ref)
+            cell = Cell(
+                cell_key("long", model, budget, method, lr),
+                method,
+                [
+                    *METHOD_SETS[method],
+                    *model_sets(model),
+                    *sets,
+                    *long_sets,
+                    f"train.lr={lr}",
+                ],  # fmt: skip
+                {"lr": lr, "model": model, "budget": budget},
+            )
+            row = dict(run_or_exclude(ledger, common, cell))
+            row.update(model=model, budget=budget)
+            row["budget_text"] = budget_label(budget, ref)
+            if "run_dir" in row:
+                row["trained_share"], row["trained"] = trained_summary(row["run_dir"])
+            result["rows"].append(row)
+            write()
     write()
     log(f"wrote {out.with_suffix('.md')} (run folders under {RUNS / name})")
 
