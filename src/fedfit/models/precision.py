@@ -9,9 +9,9 @@ matrix products natively, where float16 is emulated.
 
 :func:`frozen_in` casts the parameters that do not require grad for the duration of a block
 and puts the float32 tensors back exactly afterwards (the simulation shares one model among
-clients of different precisions). Each outermost module whose parameters are all trained
-(a trained block, the pooler, the classifier) gets a forward pre-hook that casts its
-floating inputs to their dtype, so the float32 layers read the bfloat16 features. torch is imported inside the functions (see
+clients of different precisions). Each module whose parameters are all trained (a trained
+block, the pooler, the classifier, and the layers inside them) gets a forward pre-hook that
+casts its floating inputs to their dtype, so the float32 layers read the bfloat16 features. torch is imported inside the functions (see
 models/structure.py).
 """
 
@@ -50,21 +50,18 @@ def _cast_inputs(dtype: torch.dtype) -> Any:
     return hook
 
 
-def _trained_roots(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The outermost modules whose every parameter is trained: where frozen outputs enter
-    trained ones (a trained block, the pooler, the classifier). Casting once there keeps one
-    float32 copy of a block's input, not one per projection reading it."""
-    trained = {
-        name: module
-        for name, module in model.named_modules()
+def _trained_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose every parameter is trained, outermost first: a trained block, the
+    pooler, the classifier (also inside a peft wrapper, whose module dict is never called
+    itself), and the layers inside them. The outermost one casts its input; the inner ones
+    then see float32 already, so a block keeps one float32 copy of its input, not one per
+    projection reading it."""
+    return [
+        module
+        for module in model.modules()
         if any(True for _ in module.parameters())
         and all(p.requires_grad for p in module.parameters())
-    }
-
-    def parent(name: str) -> str:
-        return name.rsplit(".", 1)[0] if "." in name else ""
-
-    return [m for name, m in trained.items() if not name or parent(name) not in trained]
+    ]
 
 
 @contextlib.contextmanager
@@ -86,7 +83,7 @@ def frozen_in(model: torch.nn.Module, dtype_name: str) -> Iterator[None]:
             if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
                 kept.append((p, p.data))
                 p.data = p.data.to(dtype)
-        for module in _trained_roots(model):
+        for module in _trained_modules(model):
             dtype_in = next(module.parameters()).dtype
             hooks.append(module.register_forward_pre_hook(_cast_inputs(dtype_in), with_kwargs=True))
         yield
