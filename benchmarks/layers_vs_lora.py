@@ -97,21 +97,23 @@ QUICK_MODELS = {"minilm-l6": "tiny-bert", "minilm-l3": "tiny-bert"}
 NO_FIT = "no device of the population fits"
 
 
-def references(model: str, batch: int, seq_len: int, steps: int) -> dict[str, int]:
+def references(common: list[str], model: str) -> dict[str, int]:
     """What full fine-tuning of ``model`` needs (the planner's reference, margin included),
-    and LoRA r=8's predicted upload per round: the amounts the budgets are fractions of."""
+    and LoRA r=8's predicted upload per round: the amounts the budgets are fractions of. The
+    engine's own cost context of the benchmark's config (batch and length; the number of
+    steps, which sets only FLOPs, from one full batch)."""
     from transformers import BertConfig
 
     from fedfit.config import load_config
     from fedfit.costs.spec import TrainSpec
+    from fedfit.engine.setup import cost_context_for
     from fedfit.models import configs
-    from fedfit.planning import CostContext
 
     arch = {"minilm-l6": configs.MINILM_L6, "tiny-bert": configs.TINY_BERT}[model]
-    margin = load_config(DEFAULT_TOML).devices.margin
-    ctx = CostContext(BertConfig(**arch), "classification", 3, batch, seq_len, steps, "adamw",
-                      margin=margin)  # fmt: skip
-    lora = ctx.estimate(TrainSpec("lora", lora_rank=8, optimizer="adamw"))
+    config = load_config(DEFAULT_TOML, [*common, f"model.name={model}"])
+    ctx = cost_context_for(config, BertConfig(**arch), "classification", 3,
+                           config.train.batch_size)  # fmt: skip
+    lora = ctx.estimate(TrainSpec("lora", lora_rank=8, optimizer=ctx.optimizer))
     return {"memory": ctx.reference().memory_bytes, "lora_upload": lora.upload_bytes}
 
 
@@ -186,7 +188,7 @@ def verdict(rows: list[dict[str, Any]], eval_examples: int) -> list[str]:
             elif ran_b:
                 lines.append(f"{where}: only LoRA fits a device (layers: all excluded)")
             else:
-                lines.append(f"{where}: neither fits any device")
+                lines.append(f"{where}: neither layers nor LoRA fits any device")
     return lines
 
 
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     ledger = Ledger(out.with_suffix(".json"), {"setting": setting, "benchmark": name,
                                                "base": common})  # fmt: skip
     ref_model = "tiny-bert" if args.quick else "minilm-l6"
-    ref = references(ref_model, 16, 32 if args.quick else 64, 2 if args.quick else 4)
+    ref = references(common, ref_model)
     result: dict[str, Any] = {"rows": [], "sweep": [], "notes": [], "lrs": {}, "edge": [],
                               "verdict": [], "references": ref}  # fmt: skip
 

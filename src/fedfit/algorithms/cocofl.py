@@ -28,19 +28,13 @@ What does not carry over, and how it is handled:
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-
-import torch
 
 from fedfit.algorithms.layers import LayerFineTuning, LayersOptions
 from fedfit.algorithms.registry import register
 from fedfit.config import ConfigError
-from fedfit.costs.spec import TrainSpec
-from fedfit.devices import Budget
 from fedfit.errors import check_choice
-from fedfit.models.precision import FROZEN_DTYPES, frozen_in
-from fedfit.planning import CostContext, Plan, first_fit
+from fedfit.models.precision import FROZEN_DTYPES
 
 
 @dataclass(frozen=True)
@@ -70,21 +64,11 @@ class CoCoFL(LayerFineTuning):
     name = "cocofl"
     options: CocoflOptions
 
-    def plan(self, budget: Budget, ctx: CostContext) -> Plan:
-        """The deepest top-n that fits with a low-precision frozen prefix, most blocks first."""
-        specs = [
-            TrainSpec(
-                "layers",
-                trained_layers=n,
-                optimizer=ctx.optimizer,
-                frozen_dtype=self.options.frozen_dtype,
-            )
-            for n in range(self.max_depth(), 0, -1)
-        ]
-        return first_fit(specs, budget, ctx)
-
-    def precision(self, model: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
-        return frozen_in(model, self.options.frozen_dtype)
+    @property
+    def frozen_dtype(self) -> str:
+        """``method.frozen_dtype``: what the planner prices the prefix at and the client
+        holds it in (layers' plan and client_update read it)."""
+        return self.options.frozen_dtype
 
 
 register(

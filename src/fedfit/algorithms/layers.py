@@ -29,7 +29,6 @@ Choices the paper leaves open, made here:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +55,7 @@ from fedfit.costs.measure import StepFn, backprop
 from fedfit.costs.spec import TrainSpec
 from fedfit.devices import Budget
 from fedfit.log import log
+from fedfit.models.precision import frozen_in
 from fedfit.models.structure import embeddings, head_modules, transformer_layers
 from fedfit.planning import CostContext, Plan, first_fit
 
@@ -151,7 +151,9 @@ class LayerFineTuning(Algorithm):
     def plan(self, budget: Budget, ctx: CostContext) -> Plan:
         """The deepest top-n that fits, most blocks first."""
         specs = [
-            TrainSpec("layers", trained_layers=n, optimizer=ctx.optimizer)
+            TrainSpec(
+                "layers", trained_layers=n, optimizer=ctx.optimizer, frozen_dtype=self.frozen_dtype
+            )
             for n in range(self.max_depth(), 0, -1)
         ]
         return first_fit(specs, budget, ctx)
@@ -192,7 +194,7 @@ class LayerFineTuning(Algorithm):
 
         def train() -> dict[str, float]:
             if cache is None:
-                with self.precision(model):
+                with frozen_in(model, self.frozen_dtype):
                     return local_train(model, shard, ctx, task.seed, eval_modules=frozen)
             with cache.replaying():
                 view = _CachedShard(shard, cache)
@@ -203,10 +205,11 @@ class LayerFineTuning(Algorithm):
         metrics["trained_layers"] = float(task.config["depth"])
         return Update(task.client_id, payload, len(shard), metrics)
 
-    def precision(self, model: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
-        """What the frozen tensors are held in during a client's training: as they are
-        (CoCoFL, algorithms/cocofl.py, holds them in a lower precision)."""
-        return contextlib.nullcontext()
+    @property
+    def frozen_dtype(self) -> str:
+        """The precision a device holds the frozen prefix in, planned and trained alike:
+        float32 here (CoCoFL, algorithms/cocofl.py, holds it lower)."""
+        return "float32"
 
     def aggregate(self, state: ServerState, updates: Sequence[Update]) -> ServerState:
         mean = self.combine(state, [u.payload for u in updates], [u.num_examples for u in updates])

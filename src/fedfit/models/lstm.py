@@ -24,7 +24,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-IGNORE_INDEX = -100
+from fedfit.data.tokens import IGNORE_INDEX
 
 
 class LstmConfig(PretrainedConfig):  # type: ignore[misc]

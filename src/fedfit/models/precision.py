@@ -11,8 +11,8 @@ matrix products natively, where float16 is emulated.
 and puts the float32 tensors back exactly afterwards (the simulation shares one model among
 clients of different precisions). Each module whose parameters are all trained (a trained
 block, the pooler, the classifier, and the layers inside them) gets a forward pre-hook that
-casts its floating inputs to their dtype, so the float32 layers read the bfloat16 features. torch is imported inside the functions (see
-models/structure.py).
+casts its floating inputs to their dtype, so the float32 layers read the bfloat16 features.
+torch is imported inside the functions (see models/structure.py).
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def frozen_in(model: torch.nn.Module, dtype_name: str) -> Iterator[None]:
                 p.data = p.data.to(dtype)
         for module in _trained_modules(model):
             dtype_in = next(module.parameters()).dtype
-            hooks.append(module.register_forward_pre_hook(_cast_inputs(dtype_in), with_kwargs=True))
+            hook = _cast_inputs(dtype_in)
+            hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         yield
     finally:
         for handle in hooks:
