@@ -17,6 +17,8 @@ local steps and batch, server FedAvg (lr 1):
   embeddings frozen), the update quantised with unbiased stochastic rounding, one scale per
   ``--block`` numbers (bytes on the wire = the packed size, metadata included);
 - lora: LoRA r=8 on q_proj / v_proj (float32 upload), client lr ``--lora-lr``.
+- the server step tuned: fedavg-fp32-slr2 and partial-1/4-4bit-slr4 (server lr 2 and 4),
+  fedavg-fp32-fedadam and partial-1/4-4bit-fedadam (FedAdam, server lr 1e-3).
 
 ``--configs`` adds others (fedavg-8bit, fedavg-4bit, partial-1/2-fp32, partial-1/4-fp32) to
 separate the effect of the subset from that of quantisation.
@@ -76,6 +78,12 @@ CONFIGS: dict[str, list[str]] = {
     ],
     # Ro et al.'s baseline: an LSTM of the same size and tokenizer, from scratch, every weight
     "lstm-fp32": ["model.name=lstm-19m", "method.name=fedavg"],
+    # server step tuned (--configs): a larger server lr (partial's all-clients mean moves a
+    # block by about `fraction` of its holders' change, so 1 / fraction undoes that), FedAdam
+    "fedavg-fp32-slr2": ["method.name=fedavg", "server.lr=2.0"],
+    "partial-1/4-4bit-slr4": [*PARTIAL_4BIT, "server.lr=4.0"],
+    "fedavg-fp32-fedadam": ["method.name=fedavg", "server.optimizer=fedadam", "server.lr=1e-3"],
+    "partial-1/4-4bit-fedadam": [*PARTIAL_4BIT, "server.optimizer=fedadam", "server.lr=1e-3"],
     # extras (--configs): the subset without quantisation, quantisation without the subset
     "fedavg-8bit": ["method.name=fedavg", "compress.upload_bits=8"],
     "fedavg-4bit": ["method.name=fedavg", "compress.upload_bits=4"],
@@ -119,7 +127,7 @@ def make_config(name: str, args: argparse.Namespace) -> tuple[Any, list[str]]:
         f"train.optimizer={args.optimizer}",
         f"train.lr={lr_of(name, args)}",
         "server.optimizer=fedavg",
-        "server.lr=1.0",  # a configuration may set its own (the -slr rows)
+        "server.lr=1.0",  # a configuration may set its own (the -slr and -fedadam rows)
         f"compress.block={args.block}",
         *CONFIGS[name],
     ]
@@ -240,7 +248,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{args['clients_per_round']} per round, {args['rounds']} rounds x "
         f"{args['local_steps']} local steps of batch {args['batch_size']} (max length "
         f"{args['max_length']}), client {args['optimizer']} lr {args['lr']:g} (lora "
-        f"{args['lora_lr']:g}, lstm {args['lstm_lr']:g}), server FedAvg lr 1. Perplexity on {args['eval_examples']} "
+        f"{args['lora_lr']:g}, lstm {args['lstm_lr']:g}), server FedAvg lr 1 (-slrN rows: server "
+        "lr N; -fedadam rows: FedAdam, lr 1e-3, betas 0.9 / 0.99, tau 1e-3). Perplexity on {args['eval_examples']} "
         f"held-out speeches, every {args['eval_every']} round(s). Quantised uploads: unbiased "
         f"stochastic rounding of the update, one scale per {args['block'] or 'tensor'} numbers "
         "(fp32 min and step per block counted). Upload: measured serialised bytes, cumulated "
