@@ -97,22 +97,26 @@ QUICK_MODELS = {"minilm-l6": "tiny-bert", "minilm-l3": "tiny-bert"}
 NO_FIT = "no device of the population fits"
 
 
-def references(common: list[str], model: str) -> dict[str, int]:
+def references(
+    common: list[str], model: str, task: str = "classification", num_labels: int = 3
+) -> dict[str, int]:
     """What full fine-tuning of ``model`` needs (the planner's reference, margin included),
     and LoRA r=8's predicted upload per round: the amounts the budgets are fractions of. The
     engine's own cost context of the benchmark's config (batch and length; the number of
     steps, which sets only FLOPs, from one full batch)."""
-    from transformers import BertConfig
+    from transformers import BertConfig, LlamaConfig
 
     from fedfit.config import load_config
     from fedfit.costs.spec import TrainSpec
     from fedfit.engine.setup import cost_context_for
     from fedfit.models import configs
 
-    arch = {"minilm-l6": configs.MINILM_L6, "tiny-bert": configs.TINY_BERT}[model]
+    arch = {"minilm-l6": BertConfig(**configs.MINILM_L6),
+            "tiny-bert": BertConfig(**configs.TINY_BERT),
+            "smollm2-19m": LlamaConfig(**configs.SMOLLM2_19M),
+            "tiny-llama": LlamaConfig(**configs.TINY_LLAMA)}[model]  # fmt: skip
     config = load_config(DEFAULT_TOML, [*common, f"model.name={model}"])
-    ctx = cost_context_for(config, BertConfig(**arch), "classification", 3,
-                           config.train.batch_size)  # fmt: skip
+    ctx = cost_context_for(config, arch, task, num_labels, config.train.batch_size)
     lora = ctx.estimate(TrainSpec("lora", lora_rank=8, optimizer=ctx.optimizer))
     return {"memory": ctx.reference().memory_bytes, "lora_upload": lora.upload_bytes}
 
@@ -145,12 +149,14 @@ def cell_key(stage: str, model: str, budget: str, method: str, lr: float) -> str
     return f"{stage}-{model}-{budget.replace('/', '_')}-{method}-lr{lr:g}"
 
 
-def run_or_exclude(ledger: Ledger, common: list[str], cell: Cell) -> dict[str, Any]:
+def run_or_exclude(
+    ledger: Ledger, common: list[str], cell: Cell, name: str = NAME
+) -> dict[str, Any]:
     """The cell's figures, or a row naming why no device fits (kept in the ledger too)."""
     if cell.key in ledger.cells:
         return ledger.cells[cell.key]
     try:
-        return run_cell(ledger, NAME, DEFAULT_TOML, common, cell)
+        return run_cell(ledger, name, DEFAULT_TOML, common, cell)
     except ValueError as err:
         if NO_FIT not in str(err):
             raise
