@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/layers_vs_lora.py            # sweep, then every cell (resumable)
     .venv/bin/python benchmarks/layers_vs_lora.py --quick    # tiny-bert smoke test, ~3 min
+    .venv/bin/python benchmarks/layers_vs_lora.py --probe --seeds 2   # + lr probe, seed 1
 
 Checks the claim of Pfeiffer et al. (arXiv 2411.07826, docs/methods.md): "layer fine-tuning
 beats LoRA at equal memory and FLOP budgets, and is on par with it under tight upload budgets".
@@ -86,6 +87,11 @@ COMMON = [
     "model.head_init=ncm",
     "model.head_init_clients=10",
 ]
+# --probe: a winner at the top edge of its grid gets one sweep point past it, reported beside
+# the grid; the long runs keep the grid's winner (a changed lr would mean rerunning them all)
+PROBE = {"layers": 3e-4, "lora": 1e-2}
+# --seeds K: these cells again with run.seed = 1 .. K-1 (partition, sampling and init change)
+REPLICATE_CELLS = (("1x", "minilm-l6", ("layers", "lora")),)
 SWEEP = ["run.rounds=10", "run.eval_every=10"]
 LONG = ["run.rounds=30", "run.eval_every=5"]
 QUICK = ["model.max_length=32", "data.num_clients=12", "data.clients_per_round=3",
@@ -247,14 +253,26 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r['budget_text']} | {format_flops(r['flops_per_client_round'])} | "
             f"{format_bytes(r['upload_bytes_per_client'])} | {r['cell_wall_s'] / 60:.1f} min |"
         )
-    out += ["", "Sweep (final eval loss / accuracy after the sweep rounds; * = chosen):", "",
+    if result.get("replicates"):
+        out += ["", "Other seeds (`--seeds`; the same cell with another run.seed):", "",
+                "| model | budget | method | seed | round 0 | final | best |",
+                "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in result["replicates"]:
+            out.append(
+                f"| {r['model']} | {r['budget']} | {r['method']} | {r['seed']} | "
+                f"{pct(r['start_accuracy'])} | {pct(r['final_accuracy'])} | "
+                f"{pct(r['best_accuracy'])} |"
+            )
+        out += ["", *[f"- {line}" for line in result.get("replicate_verdict", [])]]
+    out += ["", "Sweep (final eval loss / accuracy after the sweep rounds; * = chosen; "
+            "probe = one point past the grid's edge, `--probe`, not used by the long runs):",
+            "",
             "| method | lr | eval loss | accuracy |", "|---|---|---|---|"]  # fmt: skip
     for p in result["sweep"]:
         loss = "-" if p.get("final_loss") is None else f"{p['final_loss']:.3f}"
         acc = pct(p.get("final_accuracy"))
-        out.append(
-            f"| {p['method']}{'*' if p.get('chosen') else ''} | {p['lr']:g} | {loss} | {acc} |"
-        )
+        mark = "*" if p.get("chosen") else " (probe)" if p.get("probe") else ""
+        out.append(f"| {p['method']}{mark} | {p['lr']:g} | {loss} | {acc} |")
     return "\n".join(out) + "\n"
 
 
@@ -298,6 +316,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--budgets", nargs="+", choices=BUDGETS, default=list(BUDGETS))
     p.add_argument("--all", action="store_true", help="every budget x model x method")
+    p.add_argument(
+        "--probe",
+        action="store_true",
+        help="one sweep point past a winner at the grid's top edge (reported only)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="run REPLICATE_CELLS with run.seed 1 .. SEEDS-1 too (default 1: none)",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.methods is None:
@@ -363,6 +392,22 @@ def main(argv: list[str] | None = None) -> None:
         result["lrs"][method] = best["lr"]
         if at_edge(best["lr"], LRS[method]):
             result["edge"].append(method)
+        if args.probe and method in PROBE and best["lr"] == max(LRS[method]):
+            lr = PROBE[method]
+            cell = Cell(cell_key("sweep", "minilm-l6", "1x", method, lr), method,
+                        [*METHOD_SETS[method], *model_sets("minilm-l6"),
+                         *budget_sets("1x", ref), *sweep_sets, f"train.lr={lr}"],
+                        {"lr": lr})  # fmt: skip
+            probe = run_or_exclude(ledger, common, cell)
+            result["sweep"].append({**probe, "probe": True})
+            if math.isfinite(probe.get("final_loss", math.nan)) and (
+                probe["final_loss"] < best["final_loss"]
+            ):
+                result["notes"].append(
+                    f"{method}: the probe lr {lr:g} past the grid had a lower sweep loss "
+                    f"({probe['final_loss']:.3f} vs {best['final_loss']:.3f}); the long runs "
+                    f"use the grid's {best['lr']:g}"
+                )
         write()
     for method, source in LR_OF.items():
         if method in args.methods and source in result["lrs"]:
@@ -396,6 +441,31 @@ def main(argv: list[str] | None = None) -> None:
                 row["trained_share"], row["trained"] = trained_summary(row["run_dir"])
             result["rows"].append(row)
             write()
+    # 3. other seeds of the headline cells
+    result["replicates"] = []
+    for seed in range(1, args.seeds):
+        for budget, model, methods in REPLICATE_CELLS:
+            if budget not in args.budgets or model not in args.models:
+                continue
+            for method in [m for m in methods if m in args.methods and m in result["lrs"]]:
+                lr = result["lrs"][method]
+                cell = Cell(
+                    cell_key("long", model, budget, method, lr) + f"-seed{seed}",
+                    method,
+                    [*METHOD_SETS[method], *model_sets(model), *budget_sets(budget, ref),
+                     *long_sets, f"train.lr={lr}", f"run.seed={seed}"],
+                    {"lr": lr, "model": model, "budget": budget, "seed": seed},
+                )  # fmt: skip
+                result["replicates"].append(dict(run_or_exclude(ledger, common, cell)))
+                result["replicate_verdict"] = [
+                    f"seed {s}, {line}"
+                    for s in range(1, seed + 1)
+                    for line in verdict(
+                        [r for r in result["replicates"] if r.get("seed") == s],
+                        60 if args.quick else 500,
+                    )
+                ]
+                write()
     write()
     log(f"wrote {out.with_suffix('.md')} (run folders under {RUNS / name})")
 
