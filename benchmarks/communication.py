@@ -18,7 +18,8 @@ local steps and batch, server FedAvg (lr 1):
   ``--block`` numbers (bytes on the wire = the packed size, metadata included);
 - lora: LoRA r=8 on q_proj / v_proj (float32 upload), client lr ``--lora-lr``.
 - the server step tuned: fedavg-fp32-slr2 and partial-1/4-4bit-slr4 (server lr 2 and 4),
-  fedavg-fp32-fedadam and partial-1/4-4bit-fedadam (FedAdam, server lr 1e-3).
+  fedavg-fp32-fedadam and partial-1/4-4bit-fedadam (FedAdam, server lr 1e-3; -fedadam1e-2:
+  1e-2). They do not set the default target.
 
 ``--configs`` adds others (fedavg-8bit, fedavg-4bit, partial-1/2-fp32, partial-1/4-fp32) to
 separate the effect of the subset from that of quantisation.
@@ -84,6 +85,12 @@ CONFIGS: dict[str, list[str]] = {
     "partial-1/4-4bit-slr4": [*PARTIAL_4BIT, "server.lr=4.0"],
     "fedavg-fp32-fedadam": ["method.name=fedavg", "server.optimizer=fedadam", "server.lr=1e-3"],
     "partial-1/4-4bit-fedadam": [*PARTIAL_4BIT, "server.optimizer=fedadam", "server.lr=1e-3"],
+    "fedavg-fp32-fedadam1e-2": ["method.name=fedavg", "server.optimizer=fedadam", "server.lr=1e-2"],
+    "partial-1/4-4bit-fedadam1e-2": [
+        *PARTIAL_4BIT,
+        "server.optimizer=fedadam",
+        "server.lr=1e-2",
+    ],
     # extras (--configs): the subset without quantisation, quantisation without the subset
     "fedavg-8bit": ["method.name=fedavg", "compress.upload_bits=8"],
     "fedavg-4bit": ["method.name=fedavg", "compress.upload_bits=4"],
@@ -100,6 +107,9 @@ DEFAULT_CONFIGS = (
     "lstm-fp32",
 )
 FROM_SCRATCH = ("lstm-fp32",)  # not the pretrained transformer: left out of the default target
+# the server-step variants are tuning points, not configurations of the claim: left out of the
+# default target too (a badly tuned one would set a target every other row meets at once)
+SERVER_TUNING = ("-slr", "-fedadam")
 FULL = {"model": "smollm2-19m", "rounds": 16, "eval_every": 1, "eval_examples": 300,
         "num_clients": 100, "clients_per_round": 5, "local_steps": 5}  # fmt: skip
 QUICK = {"model": "tiny-llama", "rounds": 2, "eval_every": 1, "eval_examples": 40,
@@ -149,10 +159,17 @@ def summarise(result: dict[str, Any], given: float | None) -> None:
     if given is not None:
         target, why = given, "given by --target"
     else:
-        pretrained = [r for r in rows if r["config"] not in FROM_SCRATCH] or rows
+        pretrained = [
+            r
+            for r in rows
+            if r["config"] not in FROM_SCRATCH and not any(t in r["config"] for t in SERVER_TUNING)
+        ] or rows
         worst = max(pretrained, key=lambda r: r["best_perplexity"])
         target = worst["best_perplexity"]
-        why = f"the highest best perplexity among the configurations ({worst['config']}'s)"
+        why = (
+            f"the highest best perplexity among the pretrained configurations with server lr 1 "
+            f"({worst['config']}'s)"
+        )
     hits = {r["config"]: first_reaching(r, target) for r in rows}
     ref = hits.get(REFERENCE)
     heads = []
@@ -249,7 +266,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{args['local_steps']} local steps of batch {args['batch_size']} (max length "
         f"{args['max_length']}), client {args['optimizer']} lr {args['lr']:g} (lora "
         f"{args['lora_lr']:g}, lstm {args['lstm_lr']:g}), server FedAvg lr 1 (-slrN rows: server "
-        "lr N; -fedadam rows: FedAdam, lr 1e-3, betas 0.9 / 0.99, tau 1e-3). Perplexity on {args['eval_examples']} "
+        "lr N; -fedadam rows: FedAdam, server lr 1e-3 (-fedadam1e-2: 1e-2), betas 0.9 / 0.99, "
+        f"tau 1e-3). Perplexity on {args['eval_examples']} "
         f"held-out speeches, every {args['eval_every']} round(s). Quantised uploads: unbiased "
         f"stochastic rounding of the update, one scale per {args['block'] or 'tensor'} numbers "
         "(fp32 min and step per block counted). Upload: measured serialised bytes, cumulated "
