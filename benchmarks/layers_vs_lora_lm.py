@@ -3,6 +3,8 @@ modelling: next-token perplexity on shakespeare with smollm2-19m.
 
     .venv/bin/python benchmarks/layers_vs_lora_lm.py            # sweep, then every cell (resumable)
     .venv/bin/python benchmarks/layers_vs_lora_lm.py --quick    # tiny-llama smoke test, ~2 min
+    .venv/bin/python benchmarks/layers_vs_lora_lm.py --rounds 60 --budgets 1x \
+        --methods layers lora --out benchmarks/results/layers_vs_lora_lm_60rounds
 
 The language-modelling half of benchmarks/layers_vs_lora.py (the claim of Pfeiffer et al.,
 arXiv 2411.07826: "layer fine-tuning beats LoRA at equal memory and FLOP budgets, and is on
@@ -86,7 +88,8 @@ COMMON = [
 ]
 MODEL = "smollm2-19m"
 SWEEP = ["run.rounds=6", "run.eval_every=6"]
-LONG = ["run.rounds=30", "run.eval_every=5"]
+LONG_ROUNDS = 30  # --rounds: another length, its cells keyed "-r<N>" beside these
+LONG = [f"run.rounds={LONG_ROUNDS}", "run.eval_every=5"]
 QUICK = ["data.num_clients=12", "data.clients_per_round=3", "data.eval_examples=40",
          "train.local_steps=2", "model.max_length=32"]  # fmt: skip
 QUICK_MODEL = "tiny-llama"
@@ -212,6 +215,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny-llama smoke test")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--budgets", nargs="+", choices=BUDGETS, default=list(BUDGETS))
+    p.add_argument("--rounds", type=int, default=LONG_ROUNDS,
+                   help=f"rounds of the long runs (default {LONG_ROUNDS})")  # fmt: skip
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -224,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     model = QUICK_MODEL if args.quick else MODEL
     common = [*COMMON, *(QUICK if args.quick else []), f"model.name={model}"]
     sweep_sets, long_sets = (QUICK_SWEEP, QUICK_LONG) if args.quick else (SWEEP, LONG)
+    suffix = ""
+    if args.rounds != LONG_ROUNDS and not args.quick:
+        long_sets, suffix = [f"run.rounds={args.rounds}", "run.eval_every=5"], f"-r{args.rounds}"
     command = shlex.join([".venv/bin/python", "benchmarks/layers_vs_lora_lm.py", *argv])
     shape = (
         "12 clients, 3 per round, 2 local AdamW steps of 8 x 32 tokens"
@@ -254,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def cell(stage: str, budget: str, method: str, lr: float, sets: list[str]) -> Cell:
         return Cell(
-            cell_key(stage, model, budget, method, lr),
+            cell_key(stage, model, budget, method, lr) + (suffix if stage == "long" else ""),
             method,
             [*METHOD_SETS[method], *budget_sets(budget, ref), *sets, f"train.lr={lr}"],
             {"lr": lr, "budget": budget},
