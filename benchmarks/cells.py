@@ -60,12 +60,16 @@ class Ledger:
     def __init__(self, path: Path, header: dict[str, Any]):
         self.path = path
         self.data: dict[str, Any] = {"cells": {}}
+        # the file's result rows as they were (figures read from run folders that a fresh
+        # checkout lacks are taken from here)
+        self.earlier_rows: list[dict[str, Any]] = []
         if path.exists():
             # Finished cells carry over only from a ledger of the same setting; anything else
             # in the file (an older benchmark's result) is rebuilt from the cells.
             old = json.loads(path.read_text())
             if old.get("base") == header.get("base"):
                 self.data["cells"] = old.get("cells", {})
+                self.earlier_rows = list(old.get("rows", []))
         self.data.update(header)
         self.data["command"] = "python " + shlex.join(
             [str(Path(sys.argv[0]).resolve().relative_to(ROOT)), *sys.argv[1:]]

@@ -296,6 +296,28 @@ def plot(result: dict[str, Any]) -> Figure:
     return fig
 
 
+def add_trained(ledger: Ledger, row: dict[str, Any]) -> None:
+    """``row["trained_share"]`` and ``row["trained"]`` (see ``trained_summary``), also kept in
+    the row's ledger cell: from the cell, else its run folder, else the ledger file's earlier
+    rows (a fresh checkout has the ledger but not the run folders)."""
+    from fedfit.engine.runfolder import RunFolder
+
+    cell = ledger.cells.get(row["key"], {})
+    if "trained_share" not in cell:
+        if RunFolder(Path(row["run_dir"])).has_summary():
+            cell["trained_share"], cell["trained"] = trained_summary(row["run_dir"])
+        else:
+            earlier = {r.get("key"): r for r in ledger.earlier_rows}.get(row["key"], {})
+            if "trained_share" not in earlier:
+                raise FileNotFoundError(
+                    f"{row['run_dir']}: no finished run folder, and the ledger has no devices "
+                    "trained for this cell (rerun it: delete its ledger entry)"
+                )
+            cell["trained_share"], cell["trained"] = earlier["trained_share"], earlier["trained"]
+        ledger.save()
+    row["trained_share"], row["trained"] = cell["trained_share"], cell["trained"]
+
+
 def trained_summary(run_dir: str) -> tuple[float | None, str]:
     """Share of the population that ever trained, and the depth / rank trained."""
     from fedfit.engine.runfolder import RunFolder
@@ -383,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
                 ],  # fmt: skip
                 {"lr": lr},
             )
-            points.append(run_or_exclude(ledger, common, cell))
+            points.append(run_or_exclude(ledger, common, cell, name))
         best = pick([q for q in points if "excluded_all" not in q])
         if best is None:
             result["notes"].append(f"{method}: every sweep point diverged or was excluded")
@@ -398,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
                         [*METHOD_SETS[method], *model_sets("minilm-l6"),
                          *budget_sets("1x", ref), *sweep_sets, f"train.lr={lr}"],
                         {"lr": lr})  # fmt: skip
-            probe = run_or_exclude(ledger, common, cell)
+            probe = run_or_exclude(ledger, common, cell, name)
             result["sweep"].append({**probe, "probe": True})
             if math.isfinite(probe.get("final_loss", math.nan)) and (
                 probe["final_loss"] < best["final_loss"]
@@ -434,11 +456,11 @@ def main(argv: list[str] | None = None) -> None:
                 ],  # fmt: skip
                 {"lr": lr, "model": model, "budget": budget},
             )
-            row = dict(run_or_exclude(ledger, common, cell))
+            row = dict(run_or_exclude(ledger, common, cell, name))
             row.update(model=model, budget=budget)
             row["budget_text"] = budget_label(budget, ref)
             if "run_dir" in row:
-                row["trained_share"], row["trained"] = trained_summary(row["run_dir"])
+                add_trained(ledger, row)
             result["rows"].append(row)
             write()
     # 3. other seeds of the headline cells
@@ -456,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
                      *long_sets, f"train.lr={lr}", f"run.seed={seed}"],
                     {"lr": lr, "model": model, "budget": budget, "seed": seed},
                 )  # fmt: skip
-                result["replicates"].append(dict(run_or_exclude(ledger, common, cell)))
+                result["replicates"].append(dict(run_or_exclude(ledger, common, cell, name)))
                 result["replicate_verdict"] = [
                     f"seed {s}, {line}"
                     for s in range(1, seed + 1)

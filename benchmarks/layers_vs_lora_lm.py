@@ -42,12 +42,12 @@ from cells import RUNS, Cell, Ledger, at_edge, pick
 from common import RESULTS, log
 from layers_vs_lora import (
     METHOD_SETS,
+    add_trained,
     budget_label,
     budget_sets,
     cell_key,
     references,
     run_or_exclude,
-    trained_summary,
 )
 from matplotlib.figure import Figure
 
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
                                       name))  # fmt: skip
             row["budget_text"] = budget_label(budget, ref)
             if "run_dir" in row:
-                row["trained_share"], row["trained"] = trained_summary(row["run_dir"])
+                add_trained(ledger, row)
             result["rows"].append(row)
             write()
     write()
