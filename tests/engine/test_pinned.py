@@ -7,6 +7,11 @@ exactly; floats to 1e-6 (relative), the width of BLAS differences between machin
 One correction since: spry's client FLOPs (issue 17), which the meter had reported for every
 client as the first client's share (its cache key missed which tensors a forward-gradient
 step trains); tests/engine/test_meter.py checks the new figures against FlopCounterMode.
+
+An accuracy is compared only where the model's logits do not tie: lora-ncm's round 0 (the
+class-mean head of a random tiny BERT, whose class means are nearly parallel) has loss ln 3 to
+seven digits, so its argmax is decided by float32 rounding, which differs between CPUs (an
+AMD EPYC gave 59/150 where the pinning machine gave 56/150). Its loss is still compared.
 """
 
 from __future__ import annotations
@@ -33,6 +38,14 @@ CASES = {
 }
 
 
+# The tiny run's task (tweet sentiment) has 3 classes: a loss this close to ln 3 means tied logits.
+TIED_LOSS = math.log(3)
+
+
+def logits_tie(row: dict[str, Any]) -> bool:
+    return math.isclose(row["eval"]["loss"], TIED_LOSS, rel_tol=0.0, abs_tol=1e-5)
+
+
 def assert_same(got: Any, want: Any, where: str) -> None:
     if isinstance(want, float) and isinstance(got, float):
         assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9), f"{where}: {got} != {want}"
@@ -56,4 +69,7 @@ def test_rounds_as_pinned(tmp_path: Path, case: str) -> None:
     want = read_rows(PINNED / f"{case}.rounds.jsonl")
     assert len(got) == len(want) == 3  # round 0 and two rounds
     for g, w in zip(got, want, strict=True):
+        if logits_tie(w):
+            assert logits_tie(g), f"{case} round {w['round']}: logits no longer tie"
+            g["eval"].pop("accuracy"), w["eval"].pop("accuracy")
         assert_same(g, w, f"{case} round {w['round']}")
