@@ -85,6 +85,8 @@ class Plan:
     # a mixed run (method "auto"): the method chosen, and why each stronger one did not fit
     method: str = ""
     passed: tuple[str, ...] = ()
+    # successive layer training (algorithms/slt.py): the plan of each stage, bottom first
+    stages: tuple[Plan, ...] = ()
 
     @property
     def depth(self) -> int:
@@ -93,6 +95,9 @@ class Plan:
     def describe(self) -> str:
         if not self.ok or self.spec is None:
             return "excluded"
+        if self.stages:
+            widths = ", ".join(f"{p.spec.width:g}" for p in self.stages if p.spec is not None)
+            return f"{len(self.stages)} stages up the blocks, narrowed to widths {widths} + head"
         trains = describe_spec(self.spec)
         return f"{self.method}: {trains}" if self.method else trains
 
@@ -102,6 +107,8 @@ def describe_spec(spec: TrainSpec) -> str:
         "full": "full model",
         "lora": f"LoRA r={spec.lora_rank} + head",
         "layers": f"top {spec.trained_layers} blocks + head",
+        "slt": f"top {spec.trained_layers} blocks + head, those above the lowest at width "
+        f"{spec.width:g}",
         "head": "head only",
         "bitfit": "biases + head",
         "ia3": "IA3 + head",

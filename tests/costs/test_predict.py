@@ -76,13 +76,14 @@ SPECS = [
     TrainSpec("lora"),
     TrainSpec("layers", trained_layers=1),  # tiny models have 2 blocks: 1 = half
     TrainSpec("layers", trained_layers=2),  # all
+    TrainSpec("slt", trained_layers=2, width=0.5),  # block 1 at one head of two, half the FFN
     TrainSpec("head"),
 ]
 SHAPES = [(4, 16), (16, 64)]
 
 
 def _id(spec: TrainSpec) -> str:
-    return f"{spec.kind}{spec.trained_layers or ''}"
+    return f"{spec.kind}{spec.trained_layers or ''}" + (f"-w{spec.width:g}" * (spec.width < 1))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -121,6 +122,8 @@ def test_tiny_bert_variants(spec: TrainSpec, padded: bool) -> None:
         ("classification", TrainSpec("head"), (16, 64)),
         ("classification", TrainSpec("ia3"), (8, 32)),
         ("lm", TrainSpec("ia3"), (4, 16)),
+        ("lm", TrainSpec("slt", trained_layers=2, width=0.5), (8, 32)),
+        ("classification", TrainSpec("slt", trained_layers=2, width=0.25), (16, 64)),
     ],
     ids=lambda v: v if isinstance(v, str) else _id(v) if isinstance(v, TrainSpec) else "",
 )
@@ -206,6 +209,8 @@ def test_bad_specs_are_errors() -> None:
         (TrainSpec("layers", trained_layers=1), (16, 64)),
         (TrainSpec("layers", trained_layers=3), (4, 16)),
         (TrainSpec("layers", trained_layers=6), (8, 64)),
+        (TrainSpec("slt", trained_layers=4, width=0.5), (8, 64)),  # 6 of 12 heads above
+        (TrainSpec("slt", trained_layers=6, width=0.125), (16, 64)),
     ],
     ids=lambda v: _id(v) if isinstance(v, TrainSpec) else f"{v[0]}x{v[1]}",
 )

@@ -9,6 +9,7 @@ from fedfit.algorithms import (  # noqa: F401  (registration side effects)
     mixed,
     partial,
     peft,
+    slt,
     zeroorder,  # noqa: F401  (registers the zero-order methods)
 )
 from fedfit.algorithms.registry import ALGORITHMS, make_algorithm

@@ -104,6 +104,11 @@ float32: a few kB left out). Llama is not modelled: its eager attention computes
 in float32 whatever the weights' dtype (measured on tiny-llama at 16 x 64: activations 0.78x
 of float32's, not 0.5x).
 
+Successive layer training (``kind="slt"``, models/narrow.py): the blocks above the lowest
+trained one have fewer heads and feed-forward units; every term of such a block is computed
+with its own head count, key/value head count and intermediate size (weights, trained
+tensors, saved activations, scores, FLOPs), the residual stream keeps its width.
+
 Upload: the safetensors serialisation of what is sent, header included:
 8 + len(JSON header padded with spaces to a multiple of 8) + the data; the header is built
 from the tensor names, shapes and dtypes the payload would have (data ordered by dtype, larger
@@ -134,6 +139,7 @@ from typing import Any
 
 from fedfit.costs.share import assign_groups, tensor_groups
 from fedfit.costs.spec import TrainSpec
+from fedfit.models.narrow import narrowed_sizes
 from fedfit.models.precision import FROZEN_DTYPES
 
 F32 = 4
@@ -240,12 +246,12 @@ def _arch(config: Any) -> _Arch:
 def _linears(arch: _Arch) -> list[tuple[str, int, int, bool]]:
     """(path inside a block, in, out, bias) of the block's linear layers, in forward order."""
     h, i, q, kv = arch.hidden, arch.inter, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
-    if arch.family == "bert":
+    if arch.family == "bert":  # q = h, unless the block is narrowed (SLT)
         return [
-            ("attention.self.query", h, h, True),
-            ("attention.self.key", h, h, True),
-            ("attention.self.value", h, h, True),
-            ("attention.output.dense", h, h, True),
+            ("attention.self.query", h, q, True),
+            ("attention.self.key", h, q, True),
+            ("attention.self.value", h, q, True),
+            ("attention.output.dense", q, h, True),
             ("intermediate.dense", h, i, True),
             ("output.dense", i, h, True),
         ]
@@ -283,10 +289,38 @@ def _norm_params(prefix: str, h: int, bias: bool) -> list[tuple[str, Shape]]:
     return out
 
 
-def _parameters(arch: _Arch, task: str, num_labels: int) -> list[tuple[str, Shape, str]]:
+Narrowing = tuple[int, _Arch] | None
+"""SLT's narrowed blocks: (the first narrowed block, the architecture of those blocks)."""
+
+
+def _narrowing(arch: _Arch, spec: TrainSpec) -> Narrowing:
+    """The blocks ``spec`` narrows (kind "slt", width < 1: every trained block above the
+    lowest), with their head and unit counts from models/narrow.py's rule."""
+    if spec.kind != "slt" or spec.width >= 1:
+        return None
+    heads, kv_heads, inter = narrowed_sizes(arch.heads, arch.kv_heads, arch.inter, spec.width)
+    narrow = dataclasses.replace(arch, heads=heads, kv_heads=kv_heads, inter=inter)
+    return arch.layers - spec.trained_layers + 1, narrow
+
+
+def _block_arch(arch: _Arch, narrowing: Narrowing, i: int) -> _Arch:
+    return narrowing[1] if narrowing is not None and i >= narrowing[0] else arch
+
+
+def _spec_parameters(
+    arch: _Arch, task: str, num_labels: int, spec: TrainSpec
+) -> list[tuple[str, Shape, str]]:
+    """:func:`_parameters` of the model a device holds for ``spec`` (SLT: narrowed blocks)."""
+    return _parameters(arch, task, num_labels, _narrowing(arch, spec))
+
+
+def _parameters(
+    arch: _Arch, task: str, num_labels: int, narrowing: Narrowing = None
+) -> list[tuple[str, Shape, str]]:
     """(name, shape, group) of every parameter of the task model, as ``named_parameters``.
 
     group: "embed", "block.<i>", "top" (pooler / final norm) or "head" (classifier / score).
+    ``narrowing``: blocks with fewer heads and units (SLT), see :func:`_narrowing`.
     """
     h = arch.hidden
     params: list[tuple[str, Shape, str]] = []
@@ -320,7 +354,7 @@ def _parameters(arch: _Arch, task: str, num_labels: int) -> list[tuple[str, Shap
         block: list[tuple[str, Shape]] = []
         if arch.family == "llama":
             block += _norm_params("input_layernorm", h, False)
-        for path, n_in, n_out, bias in _linears(arch):
+        for path, n_in, n_out, bias in _linears(_block_arch(arch, narrowing, i)):
             block += _linear_params(path, n_in, n_out, bias)
             if path in norms:
                 block += _norm_params(norms[path], h, True)
@@ -433,13 +467,14 @@ def _bert_block(
 ) -> tuple[_Tally, bool, bool]:
     """One BERT block; returns (tally, output rg, input saved)."""
     t, n, h, i = _Tally(), b * tokens, arch.hidden, arch.inter
+    q = arch.heads * arch.head_dim  # h, unless the block is narrowed (SLT)
     s = b * arch.heads * tokens * tokens
-    q_rg, q_in = t.linear(n, h, h, x_rg, w_rg, adapters.get("attention.self.query"))
-    k_rg, k_in = t.linear(n, h, h, x_rg, w_rg, adapters.get("attention.self.key"))
-    v_rg, v_in = t.linear(n, h, h, x_rg, w_rg, adapters.get("attention.self.value"))
-    ctx_rg = _attention(t, arch, n, s, 3 * n * h, q_rg, k_rg, v_rg)
-    d_rg, d_in = t.linear(n, h, h, ctx_rg, w_rg, adapters.get("attention.output.dense"))
-    t.save(n * h, d_in)  # context (heads merged, contiguous)
+    q_rg, q_in = t.linear(n, h, q, x_rg, w_rg, adapters.get("attention.self.query"))
+    k_rg, k_in = t.linear(n, h, q, x_rg, w_rg, adapters.get("attention.self.key"))
+    v_rg, v_in = t.linear(n, h, q, x_rg, w_rg, adapters.get("attention.self.value"))
+    ctx_rg = _attention(t, arch, n, s, 3 * n * q, q_rg, k_rg, v_rg)
+    d_rg, d_in = t.linear(n, q, h, ctx_rg, w_rg, adapters.get("attention.output.dense"))
+    t.save(n * q, d_in)  # context (heads merged, contiguous)
     t.save(n * h, d_rg and arch.hidden_dropout)
     ln1_rg = d_rg or x_rg
     t.save(n * h + 2 * n, ln1_rg or w_rg)  # LayerNorm input + mean + rstd
@@ -555,7 +590,7 @@ def _all_trained(
         return [_Tensor(n, s, g) for n, s, g in params]
     if spec.kind == "head":
         return [_Tensor(n, s, g) for n, s, g in params if g == "head"]
-    if spec.kind == "layers":
+    if spec.kind in ("layers", "slt"):
         first = arch.layers - spec.trained_layers
         return [
             _Tensor(n, s, g)
@@ -668,7 +703,8 @@ class _Layout:
 
 def _layout(arch: _Arch, spec: TrainSpec, task: str, trained: list[_Tensor]) -> _Layout:
     """Where the gradient (or tangent) starts, and each block's trained weights / adapters."""
-    first = {"full": 0, "layers": arch.layers - spec.trained_layers}.get(spec.kind, arch.layers)
+    first = arch.layers - spec.trained_layers if spec.kind in ("layers", "slt") else arch.layers
+    first = 0 if spec.kind == "full" else first
     names = {t.name for t in trained}
     rg_from = 0 if spec.kind == "full" else arch.layers
     if spec.kind == "bitfit":  # biases: the gradient flows from the lowest trained one (a
@@ -694,7 +730,7 @@ def _layout(arch: _Arch, spec: TrainSpec, task: str, trained: list[_Tensor]) -> 
                     adapters[t.path] = ("ia3-in" if t.shape[0] == 1 else "ia3-out", 0)
         blocks.append((i >= first, tuple(sorted(adapters.items()))))
     head_rg = any(t.group == "head" for t in trained)
-    return _Layout(rg_from, tuple(blocks), spec.kind in ("full", "layers"), head_rg)
+    return _Layout(rg_from, tuple(blocks), spec.kind in ("full", "layers", "slt"), head_rg)
 
 
 @dataclass(frozen=True)
@@ -717,8 +753,11 @@ def _passes(
     peaks, the inference and jvp moments, and the matmul FLOPs of each (module docstring)."""
     n, h = b * tokens, arch.hidden
     full = spec.kind == "full"
-    trained = _share(_all_trained(arch, spec, task, _parameters(arch, task, num_labels)), spec)
+    trained = _share(
+        _all_trained(arch, spec, task, _spec_parameters(arch, task, num_labels, spec)), spec
+    )
     layout = _layout(arch, spec, task, trained)
+    narrowing = _narrowing(arch, spec)
     block = _bert_block if arch.family == "bert" else _llama_block
     # live through the whole forward, freed when it returns: the 4-D float attention mask
     # (BERT builds it only for a padded batch; Llama's causal mask always), Llama's cos / sin
@@ -737,18 +776,19 @@ def _passes(
     if arch.family == "llama":
         rope = 2 * F32 * n * arch.head_dim
         # q * cos and rotate_half(q) * sin keep cos and sin only when something is trained
-        saved += rope if (full or spec.kind in ("lora", "layers", "ia3")) else 0
+        saved += rope if (full or spec.kind in ("lora", "layers", "slt", "ia3")) else 0
     seen: dict[Any, tuple[_Tally, bool, bool]] = {}  # blocks differ only by these
     for i, (w_rg, adapters) in enumerate(layout.blocks):
         x_rg = x_rg or layout.rg_from == i
-        key = (x_rg, w_rg, adapters)
+        here = _block_arch(arch, narrowing, i)
+        key = (here, x_rg, w_rg, adapters)
         if key not in seen:
-            seen[key] = block(arch, b, tokens, x_rg, w_rg, dict(adapters))
+            seen[key] = block(here, b, tokens, x_rg, w_rg, dict(adapters))
         # the same block with nothing trained: the moments of a pass that saves nothing
         untrained = tuple((p, ("lora-frozen", r)) for p, (k, r) in adapters if k.startswith("lora"))
-        frozen_key = (False, False, untrained)
+        frozen_key = (here, False, False, untrained)
         if frozen_key not in seen:
-            seen[frozen_key] = block(arch, b, tokens, False, False, dict(untrained))
+            seen[frozen_key] = block(here, b, tokens, False, False, dict(untrained))
         t, out_rg, in_saved = seen[key]
         plain = seen[frozen_key][0]
         if i == 0 and not (in_saved or (arch.family == "llama" and x_rg)):
@@ -782,7 +822,8 @@ def _passes(
         t.save(b * num_labels, c_rg)  # log_softmax output
         # the top block's backward: FC2's input gradient (N I) is allocated while LN2's
         # input and the FFN dropout mask (2 N h) are already freed
-        backward_extra = F32 * n * (max(arch.inter - h, h) if x_rg else h)
+        inter = _block_arch(arch, narrowing, arch.layers - 1).inter
+        backward_extra = F32 * n * (max(inter - h, h) if x_rg else h)
         top_live = 0
     else:
         y_rg = _rms_norm(t, n, h, x_rg, top_rg)
@@ -834,7 +875,7 @@ def _static_costs(
     """(weights, grads, optimiser state, optimiser temporaries, weights upload bytes,
     trainable params): everything that does not depend on the batch shape (cached: the
     planner asks often)."""
-    params = _parameters(arch, task, num_labels)
+    params = _spec_parameters(arch, task, num_labels, spec)
     every = _all_trained(arch, spec, task, params)
     trained = [(t.name, t.shape) for t in _share(every, spec)]
     trainable_params = sum(_numel(s) for _, s in trained)
@@ -938,7 +979,7 @@ def predict(
         raise ValueError(f"predict: task {task!r} is not supported for {arch.family}")
     if spec.kind == "head" and task != "classification":
         raise ValueError("predict: TrainSpec(kind='head') needs task='classification'")
-    if spec.kind == "layers" and spec.trained_layers > arch.layers:
+    if spec.kind in ("layers", "slt") and spec.trained_layers > arch.layers:
         raise ValueError(f"trained_layers={spec.trained_layers} > the {arch.layers} blocks")
     if spec.step == "spzo" and not 0 <= spec.split <= arch.layers:
         raise ValueError(f"split={spec.split} outside the {arch.layers} blocks")
@@ -986,5 +1027,6 @@ def _replayed_params(arch: _Arch, task: str, num_labels: int, spec: TrainSpec) -
     if not spec.replay_pairs:
         return 0
     return sum(
-        _numel(t.shape) for t in _all_trained(arch, spec, task, _parameters(arch, task, num_labels))
+        _numel(t.shape)
+        for t in _all_trained(arch, spec, task, _spec_parameters(arch, task, num_labels, spec))
     )

@@ -14,7 +14,7 @@ import torch
 from fedfit.costs.measure import StepMemory, measure_step
 from fedfit.models.precision import FROZEN_DTYPES, frozen_in
 
-KINDS = ("full", "lora", "layers", "head", "bitfit", "ia3")
+KINDS = ("full", "lora", "layers", "slt", "head", "bitfit", "ia3")
 STEPS = ("backprop", "jvp", "fd", "zo", "spzo")
 UPLOADS = ("weights", "jvp", "kseed", "decomfl", "spzo")
 OPTIMIZERS = ("adamw", "sgd", "sgd-momentum", "adafactor")
@@ -33,6 +33,9 @@ class TrainSpec:
     - ``kind="layers"``: the top ``trained_layers`` transformer blocks plus what sits above
       them (BERT: pooler and classifier; Llama: final norm and score, or final norm for LM),
       everything below frozen, embeddings included.
+    - ``kind="slt"``: as "layers", with every trained block above the lowest one narrowed to
+      ``width`` (successive layer training's scaled-down part, models/narrow.py: the first
+      share of attention heads and feed-forward units); width 1 is "layers".
     - ``kind="head"``: the task head only (classifier / score); classification only.
     - ``kind="bitfit"``: every bias plus the classification head (BERT).
     - ``kind="ia3"``: peft's IA3 vectors on ``lora_targets`` (empty: peft's default for the
@@ -74,6 +77,7 @@ class TrainSpec:
     upload: str = "weights"
     replay_pairs: int = 0
     frozen_dtype: str = "float32"
+    width: float = 1.0
 
     def __post_init__(self) -> None:
         if self.step not in STEPS:
@@ -90,8 +94,10 @@ class TrainSpec:
             raise ValueError(f"TrainSpec.kind: {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainSpec.optimizer: {self.optimizer!r} not in {OPTIMIZERS}")
-        if self.kind == "layers" and self.trained_layers < 1:
-            raise ValueError("TrainSpec.trained_layers: layers needs >= 1 trained block")
+        if self.kind in ("layers", "slt") and self.trained_layers < 1:
+            raise ValueError(f"TrainSpec.trained_layers: {self.kind} needs >= 1 trained block")
+        if not 0 < self.width <= 1 or (self.width != 1 and self.kind != "slt"):
+            raise ValueError(f"TrainSpec.width: {self.width} (a width in (0, 1], for slt)")
         if self.kind == "lora" and self.lora_rank < 1:
             raise ValueError("TrainSpec.lora_rank: must be >= 1")
         if self.frozen_dtype not in FROZEN_DTYPES:
@@ -161,6 +167,10 @@ def apply_spec(model: torch.nn.Module, spec: TrainSpec, task: str) -> torch.nn.M
     blocks = transformer_layers(model)
     if spec.trained_layers > len(blocks):
         raise ValueError(f"trained_layers={spec.trained_layers} > the {len(blocks)} blocks")
+    if spec.kind == "slt":  # the blocks above the lowest trained one, narrowed for good
+        from fedfit.models.narrow import narrow_
+
+        narrow_(model, range(len(blocks) - spec.trained_layers + 1, len(blocks)), spec.width)
     for block in blocks[len(blocks) - spec.trained_layers :]:
         block.requires_grad_(True)
     for module in head_modules(model, task):

@@ -168,8 +168,10 @@ class CostMeter:
         # grad (how deep backward goes) and of those the optimiser steps (a forward-gradient
         # client of Spry steps its share of tensors that all require grad).
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        # (and their sizes: SLT narrows blocks to other widths under the same names)
         trainable = tuple(
-            (i, p.requires_grad, id(p) in stepped) for i, p in enumerate(model.parameters())
+            (i, p.requires_grad, id(p) in stepped, p.numel())
+            for i, p in enumerate(model.parameters())
         )
         # A client's first step creates the optimiser state; later steps carry it through
         # forward and backward, so they peak higher: both kinds are measured.
