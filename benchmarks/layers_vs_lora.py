@@ -20,9 +20,11 @@ model" choice) runs under the very same devices: 1/8x, 1/4x, 1/2x, 1x homogeneou
 
 Methods: ``layers`` (deepest top-n that fits the device), ``lora`` (r = 8, alpha 16; a device
 fits it or is excluded), ``fedavg`` (full fine-tuning; non-fitting devices excluded) and
-``cocofl`` (layers over a bfloat16 frozen prefix). Client lr of layers and lora from a sweep
+``cocofl`` (layers over a bfloat16 frozen prefix) and ``slt`` (successive layer training: six
+stages of 5 rounds up the blocks, the blocks above the stage's one narrowed to the widest
+width that fits the device). Client lr of layers and lora from a sweep
 (``LRS``) of ``SWEEP`` rounds at 1x on minilm-l6, chosen by the lowest final eval loss;
-fedavg and cocofl take layers' winner (``LR_OF``); the long runs (``LONG``) use them on both
+fedavg, cocofl and slt take layers' winner (``LR_OF``); the long runs (``LONG``) use them on both
 models. The cells run are ``CELLS`` (``--all``: every budget x model x method). A cell where
 no device fits is a row with the planner's reason, not a run.
 
@@ -49,7 +51,7 @@ from fedfit.units import format_bytes, format_flops
 
 NAME = "layers_vs_lora"
 HETEROGENEOUS = ROOT / "examples" / "heterogeneous.toml"
-METHODS = ("layers", "lora", "fedavg", "cocofl")
+METHODS = ("layers", "lora", "fedavg", "cocofl", "slt")
 MODELS = ("minilm-l6", "minilm-l3")
 # cells in order of importance: a stopped run has the headline settings first
 BUDGETS = ("1x", "het", "1/2x", "upload", "1/4x", "1/8x")
@@ -57,18 +59,19 @@ FRACTIONS = {"1/8x": 1 / 8, "1/4x": 1 / 4, "1/2x": 1 / 2, "1x": 1.0}
 TIERS = {"eighth": 1 / 8, "quarter": 1 / 4, "half": 1 / 2, "full": 1.0}
 LRS = {"layers": (1e-5, 3e-5, 1e-4), "lora": (3e-4, 1e-3, 3e-3)}
 # methods that update whole pretrained blocks as layers does take its winner: fedavg (every
-# block) and cocofl (layers over a bfloat16 prefix)
-LR_OF = {"fedavg": "layers", "cocofl": "layers"}
+# block), cocofl (layers over a bfloat16 prefix) and slt (successive layer training: whole
+# blocks too, one trained in full per stage)
+LR_OF = {"fedavg": "layers", "cocofl": "layers", "slt": "layers"}
 # the cells run by default, most telling first: (budget, model, methods). 1x: every method
 # fits minilm-l6; het: the four tiers; 1/2x and 1/4x: where minilm-l6's LoRA and layers stop
 # fitting, minilm-l3 (the smaller model) and cocofl (the low-precision prefix) are the ways
 # in; upload and 1/8x: mostly nobody fits (planner rows, no training). --all: the product.
 CELLS = (
-    ("1x", "minilm-l6", ("layers", "lora", "fedavg")),
-    ("het", "minilm-l6", ("layers", "lora", "cocofl")),
-    ("1/2x", "minilm-l6", ("layers", "cocofl", "lora")),
+    ("1x", "minilm-l6", ("layers", "lora", "fedavg", "slt")),
+    ("het", "minilm-l6", ("layers", "lora", "cocofl", "slt")),
+    ("1/2x", "minilm-l6", ("layers", "cocofl", "lora", "slt")),
     ("1/2x", "minilm-l3", ("lora", "layers")),
-    ("1/4x", "minilm-l6", ("cocofl", "layers")),
+    ("1/4x", "minilm-l6", ("cocofl", "layers", "slt")),
     ("1/4x", "minilm-l3", ("layers", "lora", "cocofl")),
     ("upload", "minilm-l6", ("layers", "lora")),
     ("1/8x", "minilm-l6", ("cocofl",)),
@@ -79,6 +82,7 @@ METHOD_SETS = {
     "lora": ["method.name=lora", "method.r=8", "method.alpha=16.0"],
     "fedavg": ["method.name=fedavg"],
     "cocofl": ["method.name=cocofl"],
+    "slt": ["method.name=slt"],
 }
 COMMON = [
     "data.eval_examples=500",
@@ -173,35 +177,49 @@ def run_or_exclude(
         return row
 
 
+NAMES = {"layers": "layers", "lora": "LoRA", "fedavg": "FedAvg", "cocofl": "CoCoFL",
+         "slt": "SLT"}  # fmt: skip
+# the pairs the verdict compares: the claim (layers against LoRA), then layers against the
+# paper's other baselines
+PAIRS = (("layers", "lora"), ("layers", "slt"), ("layers", "cocofl"))
+
+
 def verdict(rows: list[dict[str, Any]], eval_examples: int) -> list[str]:
-    """Layers against LoRA in every (model, budget) where both trained, beyond 2 standard
-    errors of a difference of two accuracies on ``eval_examples`` examples."""
+    """Layers against LoRA (and against SLT and CoCoFL) in every (model, budget) where both
+    have a row, beyond 2 standard errors of a difference of two accuracies on
+    ``eval_examples`` examples."""
     by = {(r["model"], r["budget"], r["method"]): r for r in rows}
     lines = []
-    for model in MODELS:
-        for budget in BUDGETS:
-            a, b = by.get((model, budget, "layers")), by.get((model, budget, "lora"))
-            if not a or not b:
-                continue
-            ran_a, ran_b = "excluded_all" not in a, "excluded_all" not in b
-            where = f"{model} at {budget}"
-            if ran_a and ran_b:
-                pa, pb = a["final_accuracy"], b["final_accuracy"]
-                se = math.sqrt((pa * (1 - pa) + pb * (1 - pb)) / eval_examples)
-                word = "wins" if pa - pb > 2 * se else "loses" if pb - pa > 2 * se else "ties"
-                lines.append(
-                    f"{where}: layers {word} ({pct(pa)} vs {pct(pb)}, "
-                    f"{100 * (pa - pb):+.1f} pts, 2 s.e. {200 * se:.1f}; FLOPs per client "
-                    f"round {a['flops_per_client_round'] / b['flops_per_client_round']:.2f}x "
-                    "LoRA's)"
-                )
-            elif ran_a:
-                lines.append(f"{where}: only layers fits a device (LoRA: all excluded)")
-            elif ran_b:
-                lines.append(f"{where}: only LoRA fits a device (layers: all excluded)")
-            else:
-                lines.append(f"{where}: neither layers nor LoRA fits any device")
+    for x, y in PAIRS:
+        for model in MODELS:
+            for budget in BUDGETS:
+                a, b = by.get((model, budget, x)), by.get((model, budget, y))
+                if a and b:
+                    lines.append(compare(a, b, x, y, f"{model} at {budget}", eval_examples))
     return lines
+
+
+def compare(
+    a: dict[str, Any], b: dict[str, Any], x: str, y: str, where: str, eval_examples: int
+) -> str:
+    """One verdict line: method ``x``'s row ``a`` against ``y``'s row ``b``."""
+    nx, ny = NAMES[x], NAMES[y]
+    ran_a, ran_b = "excluded_all" not in a, "excluded_all" not in b
+    if ran_a and ran_b:
+        pa, pb = a["final_accuracy"], b["final_accuracy"]
+        se = math.sqrt((pa * (1 - pa) + pb * (1 - pb)) / eval_examples)
+        word = "wins" if pa - pb > 2 * se else "loses" if pb - pa > 2 * se else "ties"
+        flops = a["flops_per_client_round"] / b["flops_per_client_round"]
+        return (
+            f"{where}: {nx} {word} against {ny} ({pct(pa)} vs {pct(pb)}, "
+            f"{100 * (pa - pb):+.1f} pts, 2 s.e. {200 * se:.1f}; FLOPs per client round "
+            f"{flops:.2f}x {ny}'s)"
+        )
+    if ran_a:
+        return f"{where}: only {nx} fits a device ({ny}: all excluded)"
+    if ran_b:
+        return f"{where}: only {ny} fits a device ({nx}: all excluded)"
+    return f"{where}: neither {nx} nor {ny} fits any device"
 
 
 def flattened(row: dict[str, Any]) -> str:
