@@ -21,7 +21,8 @@ prediction). Same budgets, same cells and same tuning rule, on the paper's kind 
   no smaller pretrained decoder in the zoo, so the model-choice axis of the tweets benchmark
   has no counterpart here.
 - Methods: ``layers`` (deepest top-n blocks that fit, with the tied embedding / LM head),
-  ``lora`` (r = 8, alpha 16 on q_proj / v_proj) and ``fedavg`` (every weight). CoCoFL's
+  ``lora`` (r = 8, alpha 16 on q_proj / v_proj), ``fedavg`` (every weight) and ``slt``
+  (successive layer training: four stages up the blocks, at layers' lr). CoCoFL's
   bfloat16 prefix is not modelled for Llama (docs/methods.md) and is left out.
 - Tuning: a client-lr sweep of ``SWEEP`` rounds at 1x per method of ``LRS``, the lowest final
   eval loss wins. Long runs: ``LONG``.
@@ -54,7 +55,9 @@ from matplotlib.figure import Figure
 from fedfit.units import format_bytes, format_flops
 
 NAME = "layers_vs_lora_lm"
-METHODS = ("layers", "lora", "fedavg")
+METHODS = ("layers", "lora", "fedavg", "slt")
+# slt updates whole blocks as layers does and takes its swept lr
+LR_OF = {"slt": "layers"}
 BUDGETS = ("1x", "het", "1/2x", "upload", "1/4x", "1/8x")
 # each grid's top point was added after the first three put the winner at the top
 # edge; fedavg has its own sweep here (a sweep point is under a minute on this task)
@@ -65,9 +68,9 @@ LRS = {"layers": (1e-4, 3e-4, 1e-3, 3e-3), "lora": (1e-3, 3e-3, 1e-2, 3e-2),
 # LoRA's upload budget only LoRA fits, and its training there is the 1x run's exactly (the
 # budget does not bind it), so only layers' planner row is made.
 CELLS = (
-    ("1x", ("layers", "lora", "fedavg")),
-    ("het", ("layers", "lora")),
-    ("1/2x", ("layers", "lora")),
+    ("1x", ("layers", "lora", "fedavg", "slt")),
+    ("het", ("layers", "lora", "slt")),
+    ("1/2x", ("layers", "lora", "slt")),
     ("upload", ("layers",)),
     ("1/4x", ("layers", "lora")),
     ("1/8x", ("layers", "lora")),
@@ -98,35 +101,49 @@ QUICK_LONG = ["run.rounds=2", "run.eval_every=1"]
 
 
 def verdict(rows: list[dict[str, Any]]) -> list[str]:
-    """Layers against LoRA per budget, by final perplexity (lower is better). A difference
-    under 2% is called a tie: one eval set, no standard error of a perplexity is at hand."""
+    """Layers against LoRA (then against SLT) per budget, by final perplexity (lower is
+    better). A difference under 2% is called a tie: one eval set, no standard error of a
+    perplexity is at hand."""
     by = {(r["budget"], r["method"]): r for r in rows}
     lora_1x = by.get(("1x", "lora"))
     lines = []
-    for budget in BUDGETS:
-        a, b = by.get((budget, "layers")), by.get((budget, "lora"))
-        if budget == "upload" and a and b is None and lora_1x and "excluded_all" not in lora_1x:
-            b = lora_1x  # the same training: the upload budget does not bind LoRA
-        if not a or not b:
-            continue
-        ran_a, ran_b = "excluded_all" not in a, "excluded_all" not in b
-        where = f"at {budget}"
-        if ran_a and ran_b:
-            pa, pb = a["final_perplexity"], b["final_perplexity"]
-            ratio = pa / pb
-            word = "wins" if ratio < 0.98 else "loses" if ratio > 1.02 else "ties"
-            lines.append(
-                f"{where}: layers {word} (perplexity {pa:.1f} vs LoRA's {pb:.1f}, "
-                f"{100 * (ratio - 1):+.1f}%; FLOPs per client round "
-                f"{a['flops_per_client_round'] / b['flops_per_client_round']:.2f}x LoRA's)"
-            )
-        elif ran_a:
-            lines.append(f"{where}: only layers fits a device (LoRA: all excluded)")
-        elif ran_b:
-            lines.append(f"{where}: only LoRA fits a device (layers: all excluded)")
-        else:
-            lines.append(f"{where}: neither layers nor LoRA fits any device")
+    for other in ("lora", "slt"):
+        for budget in BUDGETS:
+            a, b = by.get((budget, "layers")), by.get((budget, other))
+            if (
+                budget == "upload"
+                and other == "lora"
+                and a
+                and b is None
+                and lora_1x
+                and ("excluded_all" not in lora_1x)
+            ):
+                b = lora_1x  # the same training: the upload budget does not bind LoRA
+            if a and b:
+                lines.append(compare(a, b, NAMES[other], f"at {budget}"))
     return lines
+
+
+NAMES = {"lora": "LoRA", "slt": "SLT"}
+
+
+def compare(a: dict[str, Any], b: dict[str, Any], other: str, where: str) -> str:
+    """One verdict line: layers' row ``a`` against method ``other``'s row ``b``."""
+    ran_a, ran_b = "excluded_all" not in a, "excluded_all" not in b
+    if ran_a and ran_b:
+        pa, pb = a["final_perplexity"], b["final_perplexity"]
+        ratio = pa / pb
+        word = "wins" if ratio < 0.98 else "loses" if ratio > 1.02 else "ties"
+        return (
+            f"{where}: layers {word} against {other} (perplexity {pa:.1f} vs {pb:.1f}, "
+            f"{100 * (ratio - 1):+.1f}%; FLOPs per client round "
+            f"{a['flops_per_client_round'] / b['flops_per_client_round']:.2f}x {other}'s)"
+        )
+    if ran_a:
+        return f"{where}: only layers fits a device ({other}: all excluded)"
+    if ran_b:
+        return f"{where}: only {other} fits a device (layers: all excluded)"
+    return f"{where}: neither layers nor {other} fits any device"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -282,6 +299,9 @@ def main(argv: list[str] | None = None) -> None:
         if at_edge(best["lr"], LRS[method]):
             result["edge"].append(method)
         write()
+    for method, source in LR_OF.items():
+        if method in args.methods and source in result["lrs"]:
+            result["lrs"][method] = result["lrs"][source]
     if "upload" in args.budgets:
         result["notes"].append(
             "At the upload budget LoRA is not run again: the budget does not bind it, so its "
