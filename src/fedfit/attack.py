@@ -116,7 +116,7 @@ class Attack:
             else:
                 payload[name] = torch.stack([t, t])
             return replace(update, payload=payload)
-        weights = payload_kind in ("weights", "subset")
+        weights = payload_kind in ("weights", "subset", "slices")
         gen = torch.Generator().manual_seed(
             derive_seed(self.seed, task.round, task.client_id, _SALT)
         )
@@ -124,6 +124,8 @@ class Attack:
             if not t.is_floating_point():
                 continue  # seeds and indices stay: the attack is on the values
             sent = task.download.get(name) if weights else None
+            if sent is not None and payload_kind == "slices":  # SLT: the sent tensor's slice
+                sent = sent[tuple(slice(0, n) for n in t.shape)]
             base = sent.to(t.dtype) if sent is not None else torch.zeros_like(t)
             change = t - base
             if self.kind == "sign_flip":

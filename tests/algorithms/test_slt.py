@@ -195,6 +195,8 @@ def test_a_run_moves_up_the_blocks_and_narrows_the_small_tier(tmp_path: Path) ->
     small = [r for r in rows if r["tier"] == "small" and r["round"] > 0]
     large = [r for r in rows if r["tier"] == "large" and r["round"] > 0]
     assert small and large
+    # every update aggregated: the narrowed ones are slices of the tensors sent
+    assert not [r["rejected"] for r in rows if "rejected" in r]
     assert small[0]["trained"] == "2 stages up the blocks, narrowed to widths 0.5, 1 + head"
     assert large[0]["trained"] == "2 stages up the blocks, narrowed to widths 1, 1 + head"
     for r in small + large:
@@ -240,3 +242,13 @@ def test_options_and_what_slt_refuses() -> None:
     model, _ = load_model("tiny-bert", "classification", num_labels=3, seed=0)
     with pytest.raises(ConfigError, match="method.stages: 3 > the model's 2 blocks"):
         algorithm.prepare(model, "classification")
+
+
+def test_validation_takes_leading_slices_only_for_slices_uploads() -> None:
+    from fedfit.engine.validation import tensor_problem
+
+    sent = {"w": torch.zeros(4, 3)}
+    assert tensor_problem("w", torch.zeros(2, 3), sent, slices=True) is None
+    assert "not a slice" in str(tensor_problem("w", torch.zeros(5, 3), sent, slices=True))
+    assert "not a slice" in str(tensor_problem("w", torch.zeros(4), sent, slices=True))
+    assert "shape (2, 3)" in str(tensor_problem("w", torch.zeros(2, 3), sent))

@@ -77,7 +77,12 @@ def test_class_sums_equal_a_brute_force_loop(name: str) -> None:
 
 
 def test_ncm_run_round_zero(tmp_path: Path) -> None:
-    config = tiny_run_config(tmp_path, "model.head_init=ncm", "run.rounds=2", "method.name=lora")
+    # 100 examples per client: round 0 passes every client's shard through the model, three
+    # times in this test (the run, the reference sums, the stopped run)
+    small = "data.max_examples=100"
+    config = tiny_run_config(
+        tmp_path, "model.head_init=ncm", "run.rounds=2", "method.name=lora", small
+    )
     out = run(config, plots=False)
     rounds, clients = read_rows(out / "rounds.jsonl"), read_rows(out / "clients.jsonl")
     assert [r["round"] for r in rounds] == [0, 1, 2]
@@ -105,7 +110,7 @@ def test_ncm_run_round_zero(tmp_path: Path) -> None:
     # the head round 1 starts from is the class-mean head of every client's sums
     uploads = [client_class_sums(setup.model, s, 3, 64)[0] for s in setup.shards]
     weight, _ = ncm_head(uploads, 10.0)
-    part = run(tiny_run_config(tmp_path, "model.head_init=ncm", "run.name=p"), stop_after=0)
+    part = run(tiny_run_config(tmp_path, "model.head_init=ncm", "run.name=p", small), stop_after=0)
     state, _ = RunFolder(part).load_checkpoint()
     heads = [t for n, t in state.params.items() if "classifier" in n and n.endswith("weight")]
     assert len(heads) == 1

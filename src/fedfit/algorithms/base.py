@@ -117,7 +117,8 @@ class Algorithm:
 
     - ``payload_kind``, what an upload holds, for the wire (engine/channel.py): "weights"
       (the new values of every trainable tensor), "gradient" (FedSGD), "subset" (a share of
-      the trainable tensors) or "scalars" (seeds and projected gradients, which must arrive
+      the trainable tensors), "slices" (leading slices of them: SLT's narrowed blocks) or
+      "scalars" (seeds and projected gradients, which must arrive
       bit-exact). The engine reads it on the instance, once the options are known, so a
       method whose upload depends on its options sets it in ``__init__`` (Spry).
     - ``spec(ctx)``, what a client trains and how, for the cost model (costs/predict.py);

@@ -84,7 +84,7 @@ class SltOptions:
 
 class SuccessiveLayerTraining(Algorithm):
     name = "slt"
-    payload_kind = "subset"
+    payload_kind = "slices"
     options: SltOptions
 
     def __init__(self, options: SltOptions, config: Config) -> None:

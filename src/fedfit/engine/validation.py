@@ -10,7 +10,9 @@ None when it may), from what the server knows without trusting the client:
 - every floating-point value is finite;
 - for uploads of tensors (``payload_kind`` "weights", "gradient", "subset"): every name is
   one the client was sent in its download, with that tensor's shape and dtype (a method
-  whose clients train a smaller part, HetLoRA's ranks, is sent that part);
+  whose clients train a smaller part, HetLoRA's ranks, is sent that part); "slices" (SLT's
+  narrowed blocks): each tensor's shape is a leading slice of the one sent (as many
+  dimensions, none longer);
 - for seed-and-scalar uploads ("scalars"): integer tensors (seeds, indices) are
   non-negative;
 - the example count is a positive integer no larger than the client's shard (in simulation
@@ -29,7 +31,7 @@ import torch
 from fedfit.algorithms.base import ClientTask, Update
 from fedfit.devices import Budget
 
-TENSOR_KINDS = ("weights", "gradient", "subset")
+TENSOR_KINDS = ("weights", "gradient", "subset", "slices")
 
 
 def non_finite_count(tensor: torch.Tensor) -> int:
@@ -45,10 +47,10 @@ def non_finite(params: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 def tensor_problem(
-    name: str, tensor: object, sent: Mapping[str, torch.Tensor] | None
+    name: str, tensor: object, sent: Mapping[str, torch.Tensor] | None, slices: bool = False
 ) -> str | None:
     """What is wrong with one payload tensor, or None (``sent``: the download it must match,
-    None for seed-and-scalar payloads)."""
+    None for seed-and-scalar payloads; ``slices``: a leading slice of it is enough)."""
     if not isinstance(tensor, torch.Tensor):
         return f"{name}: not a tensor ({type(tensor).__name__})"
     bad = non_finite_count(tensor)
@@ -65,7 +67,15 @@ def tensor_problem(
     if name not in sent:
         return f"{name}: not a tensor the client was sent"
     ref = sent[name]
-    if tuple(tensor.shape) != tuple(ref.shape):
+    if slices:
+        if tensor.dim() != ref.dim() or any(
+            a > b for a, b in zip(tensor.shape, ref.shape, strict=True)
+        ):
+            return (
+                f"{name}: shape {tuple(tensor.shape)} is not a slice of the tensor sent, "
+                f"{tuple(ref.shape)}"
+            )
+    elif tuple(tensor.shape) != tuple(ref.shape):
         return f"{name}: shape {tuple(tensor.shape)}, the tensor sent is {tuple(ref.shape)}"
     if tensor.dtype != ref.dtype:
         return f"{name}: dtype {tensor.dtype}, the tensor sent is {ref.dtype}"
@@ -104,7 +114,7 @@ def rejection(
         return f"upload of {upload_bytes} bytes over the device's budget of {budget.upload_bytes}"
     sent = task.download if kind in TENSOR_KINDS else None
     for name, tensor in update.payload.items():
-        problem = tensor_problem(name, tensor, sent)
+        problem = tensor_problem(name, tensor, sent, slices=kind == "slices")
         if problem is not None:
             return problem
     return None
