@@ -2,7 +2,7 @@
 
 An algorithm's ``payload_kind`` says what its upload holds: "weights" (default: the new
 values of every trainable tensor), "gradient" (FedSGD), "subset" (a share of the trainable
-tensors, Spry) or "scalars" (seeds and projected gradients, zero-order methods).
+tensors, Spry), "slices" (leading slices of such a share, SLT) or "scalars" (seeds and projected gradients, zero-order methods).
 
 Checks: the payload holds exactly the trainable tensors and survives serialisation; the same
 task seed gives the same payload bit for bit; aggregating K identical updates equals
@@ -69,6 +69,12 @@ def test_payload_is_trainable_tensors_and_round_trips(name: str) -> None:
         assert set(update.payload) == trainable
     elif kind == "subset":  # a share of the trainable tensors (Spry)
         assert update.payload and set(update.payload) <= trainable
+    elif kind == "slices":  # leading slices of a share of them (SLT's narrowed blocks)
+        params = dict(model.named_parameters())
+        assert update.payload and set(update.payload) <= trainable
+        for n, t in update.payload.items():
+            assert t.dim() == params[n].dim(), n
+            assert all(a <= b for a, b in zip(t.shape, params[n].shape, strict=True)), n
     else:  # "scalars": seeds and projected gradients, far smaller than the tensors
         assert kind == "scalars", kind
         full = sum(p.numel() * 4 for n, p in model.named_parameters() if n in trainable)

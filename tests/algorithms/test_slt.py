@@ -234,6 +234,12 @@ def test_options_and_what_slt_refuses() -> None:
         load_config(None, ["method.name=slt", "method.widths=[0.5, 1.5]"])
     with pytest.raises(ConfigError, match="method.stages"):
         load_config(None, ["method.name=slt", "method.stages=-1"])
+    from fedfit.engine.flower_secagg import check_secure_aggregation
+
+    with pytest.raises(ConfigError, match="slices of different widths"):
+        check_secure_aggregation(
+            load_config(None, ["method.name=slt", "server.secure_aggregation=secaggplus"])
+        )
     for bad, key in (("server.aggregation=median", "server.aggregation"),
                      ("compress.upload_bits=4", "compress.upload_bits")):  # fmt: skip
         with pytest.raises(ConfigError, match=key):

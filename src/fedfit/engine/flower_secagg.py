@@ -91,6 +91,12 @@ def check_secure_aggregation(config: Config, payload_kind: str | None = None) ->
         return
     key, method = "server.secure_aggregation", config.method.name
     kind = payload_kind or make_algorithm(config).payload_kind
+    if kind == "slices":
+        raise ConfigError(
+            f"{key}: {method} uploads slices of different widths per client, averaged entry "
+            "by entry over the clients that hold each; SecAgg+ sums vectors of one length. Use "
+            "secure_aggregation = 'none'"
+        )
     if kind not in SUMMABLE:
         raise ConfigError(
             f"{key}: {method} uploads seeds and projected-gradient scalars, which its "
