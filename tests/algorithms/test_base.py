@@ -11,7 +11,7 @@ from fedfit.algorithms.base import Algorithm, train_subset
 from fedfit.config import ConfigError, load_config
 from fedfit.engine.setup import build, make_channel
 
-KINDS = ("weights", "gradient", "subset", "scalars")
+KINDS = ("weights", "gradient", "subset", "slices", "scalars")
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))

@@ -109,21 +109,10 @@ def test_write_app_names_fedfit_components(tmp_path: Path) -> None:
 
 
 def test_flower_simulation_equals_the_local_executor(tmp_path: Path) -> None:
-    local = run(tiny(tmp_path, "run.name=local"), plots=False)
-    simulated = run(
-        tiny(tmp_path, "run.name=sim", "run.executor=flower", "run.workers=2"), plots=False
-    )
-    assert_same_as_local(local, simulated, rounds=2)
-    clients = read_rows(simulated / "clients.jsonl")
-    # Both virtual nodes trained, in long-lived actors: each process served both rounds.
-    assert len({c["node_id"] for c in clients}) == 2
-    pids = {c["pid"] for c in clients}
-    assert 1 <= len(pids) <= 2 and os.getpid() not in pids
-
-
-def test_flower_simulation_rejects_a_nan_update(tmp_path: Path) -> None:
-    """A node whose client sends NaN (attack.kind = "nan", in the node's own process): the
-    server rejects it with its reason and aggregates the rest, as the local executor does."""
+    """The same run on Flower's simulation and on the local executor, with one node whose
+    client sends NaN (attack.kind = "nan", in the node's own process): rows and tensors
+    agree, and the server rejects the NaN update with its reason and aggregates the rest,
+    as the local executor does. (One simulation for both checks: each takes a Ray start.)"""
     bad = 0  # of the two clients, both in every round
     nan = ["attack.kind=nan", f"attack.clients=[{bad}]"]
     local = run(tiny(tmp_path, "run.name=local", *nan), plots=False)
@@ -131,9 +120,17 @@ def test_flower_simulation_rejects_a_nan_update(tmp_path: Path) -> None:
         tiny(tmp_path, "run.name=sim", "run.executor=flower", "run.workers=2", *nan), plots=False
     )
     assert_same_as_local(local, simulated, rounds=2)
-    rejected = [c for c in read_rows(simulated / "clients.jsonl") if "rejected" in c]
+    clients = read_rows(simulated / "clients.jsonl")
+    # Both virtual nodes trained, in long-lived actors: each process served both rounds.
+    assert len({c["node_id"] for c in clients}) == 2
+    pids = {c["pid"] for c in clients}
+    assert 1 <= len(pids) <= 2 and os.getpid() not in pids
+    rejected = [c for c in clients if "rejected" in c]
     assert [(c["round"], c["client_id"]) for c in rejected] == [(1, bad), (2, bad)]
     assert "values are not finite" in rejected[0]["rejected"]
+    # the honest client's update is the round's aggregate: the model moved
+    rounds = read_rows(simulated / "rounds.jsonl")
+    assert rounds[-1]["eval"]["loss"] != rounds[0]["eval"]["loss"]
 
 
 def test_a_failed_deployment_stops_every_process(tmp_path: Path) -> None:
