@@ -204,8 +204,8 @@ def compare(
 ) -> str:
     """One verdict line: method ``x``'s row ``a`` against ``y``'s row ``b``."""
     nx, ny = NAMES[x], NAMES[y]
-    ran_a, ran_b = "excluded_all" not in a, "excluded_all" not in b
-    if ran_a and ran_b:
+    excluded = exclusion_line(a, b, nx, ny, where)
+    if excluded is None:
         pa, pb = a["final_accuracy"], b["final_accuracy"]
         se = math.sqrt((pa * (1 - pa) + pb * (1 - pb)) / eval_examples)
         word = "wins" if pa - pb > 2 * se else "loses" if pb - pa > 2 * se else "ties"
@@ -215,6 +215,17 @@ def compare(
             f"{100 * (pa - pb):+.1f} pts, 2 s.e. {200 * se:.1f}; FLOPs per client round "
             f"{flops:.2f}x {ny}'s)"
         )
+    return excluded
+
+
+def exclusion_line(
+    a: dict[str, Any], b: dict[str, Any], nx: str, ny: str, where: str
+) -> str | None:
+    """The verdict line when method ``nx``'s row ``a`` or ``ny``'s row ``b`` trained no
+    device; None when both trained (the caller compares them)."""
+    ran_a, ran_b = "excluded_all" not in a, "excluded_all" not in b
+    if ran_a and ran_b:
+        return None
     if ran_a:
         return f"{where}: only {nx} fits a device ({ny}: all excluded)"
     if ran_b:

@@ -47,6 +47,7 @@ from layers_vs_lora import (
     budget_label,
     budget_sets,
     cell_key,
+    exclusion_line,
     references,
     run_or_exclude,
 )
@@ -129,8 +130,8 @@ NAMES = {"lora": "LoRA", "slt": "SLT"}
 
 def compare(a: dict[str, Any], b: dict[str, Any], other: str, where: str) -> str:
     """One verdict line: layers' row ``a`` against method ``other``'s row ``b``."""
-    ran_a, ran_b = "excluded_all" not in a, "excluded_all" not in b
-    if ran_a and ran_b:
+    excluded = exclusion_line(a, b, "layers", other, where)
+    if excluded is None:
         pa, pb = a["final_perplexity"], b["final_perplexity"]
         ratio = pa / pb
         word = "wins" if ratio < 0.98 else "loses" if ratio > 1.02 else "ties"
@@ -139,11 +140,7 @@ def compare(a: dict[str, Any], b: dict[str, Any], other: str, where: str) -> str
             f"{100 * (ratio - 1):+.1f}%; FLOPs per client round "
             f"{a['flops_per_client_round'] / b['flops_per_client_round']:.2f}x {other}'s)"
         )
-    if ran_a:
-        return f"{where}: only layers fits a device ({other}: all excluded)"
-    if ran_b:
-        return f"{where}: only {other} fits a device (layers: all excluded)"
-    return f"{where}: neither layers nor {other} fits any device"
+    return excluded
 
 
 def markdown(result: dict[str, Any]) -> str:

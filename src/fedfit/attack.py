@@ -31,6 +31,7 @@ import torch
 
 from fedfit.engine.seeds import derive_seed
 from fedfit.errors import check, check_choice
+from fedfit.payload import leading_region
 
 if TYPE_CHECKING:  # the config loads this module; algorithms/base.py loads the config
     from fedfit.algorithms.base import ClientTask, Update
@@ -125,7 +126,7 @@ class Attack:
                 continue  # seeds and indices stay: the attack is on the values
             sent = task.download.get(name) if weights else None
             if sent is not None and payload_kind == "slices":  # SLT: the sent tensor's slice
-                sent = sent[tuple(slice(0, n) for n in t.shape)]
+                sent = sent[leading_region(t.shape)]
             base = sent.to(t.dtype) if sent is not None else torch.zeros_like(t)
             change = t - base
             if self.kind == "sign_flip":

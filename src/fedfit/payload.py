@@ -9,7 +9,7 @@ the real size of what would cross the network, header included.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from safetensors.torch import load as _load
@@ -31,3 +31,14 @@ def deserialize(data: bytes) -> Payload:
 def payload_bytes(payload: Mapping[str, torch.Tensor]) -> int:
     """Size in bytes of the serialised payload."""
     return len(serialize(payload))
+
+
+def is_leading_slice(shape: Sequence[int], full: Sequence[int]) -> bool:
+    """Whether a tensor of ``shape`` can be the leading slice ``[:a, :b, ...]`` of one of
+    ``full`` (as many dimensions, none longer): SLT's uploads of narrowed blocks."""
+    return len(shape) == len(full) and all(a <= b for a, b in zip(shape, full, strict=True))
+
+
+def leading_region(shape: Sequence[int]) -> tuple[slice, ...]:
+    """The index of the leading slice of a larger tensor that a tensor of ``shape`` holds."""
+    return tuple(slice(0, n) for n in shape)

@@ -59,6 +59,7 @@ from fedfit.costs.spec import TrainSpec
 from fedfit.devices import Budget
 from fedfit.models.narrow import narrowed
 from fedfit.models.structure import embeddings, transformer_layers
+from fedfit.payload import is_leading_slice, leading_region
 from fedfit.planning import CostContext, Plan, first_fit
 
 WIDTHS = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125)
@@ -205,9 +206,9 @@ def slice_mean(
             if name not in payload:
                 continue
             x = payload[name].to(torch.float32)
-            if x.dim() != old.dim() or any(a > b for a, b in zip(x.shape, old.shape, strict=True)):
+            if not is_leading_slice(x.shape, old.shape):
                 raise ValueError(f"slt: upload {name} {tuple(x.shape)} > {tuple(old.shape)}")
-            region = tuple(slice(0, n) for n in x.shape)
+            region = leading_region(x.shape)
             total[region] += w * x
             weight[region] += w
         out[name] = torch.where(weight > 0, total / weight.clamp(min=1e-30), old)

@@ -703,8 +703,8 @@ class _Layout:
 
 def _layout(arch: _Arch, spec: TrainSpec, task: str, trained: list[_Tensor]) -> _Layout:
     """Where the gradient (or tangent) starts, and each block's trained weights / adapters."""
-    first = arch.layers - spec.trained_layers if spec.kind in ("layers", "slt") else arch.layers
-    first = 0 if spec.kind == "full" else first
+    top = arch.layers - spec.trained_layers
+    first = {"full": 0, "layers": top, "slt": top}.get(spec.kind, arch.layers)
     names = {t.name for t in trained}
     rg_from = 0 if spec.kind == "full" else arch.layers
     if spec.kind == "bitfit":  # biases: the gradient flows from the lowest trained one (a

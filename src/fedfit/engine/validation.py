@@ -30,6 +30,7 @@ import torch
 
 from fedfit.algorithms.base import ClientTask, Update
 from fedfit.devices import Budget
+from fedfit.payload import is_leading_slice
 
 TENSOR_KINDS = ("weights", "gradient", "subset", "slices")
 
@@ -68,9 +69,7 @@ def tensor_problem(
         return f"{name}: not a tensor the client was sent"
     ref = sent[name]
     if slices:
-        if tensor.dim() != ref.dim() or any(
-            a > b for a, b in zip(tensor.shape, ref.shape, strict=True)
-        ):
+        if not is_leading_slice(tensor.shape, ref.shape):
             return (
                 f"{name}: shape {tuple(tensor.shape)} is not a slice of the tensor sent, "
                 f"{tuple(ref.shape)}"
