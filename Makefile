@@ -32,8 +32,10 @@ lint: install
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy src
 
+# Two pytest-xdist workers, one per core of the 2-core CI machine (tests/conftest.py gives
+# each one torch thread and keeps the tests that start Ray or Flower in one worker).
 test: install lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
