@@ -250,6 +250,23 @@ def test_options_and_what_slt_refuses() -> None:
         algorithm.prepare(model, "classification")
 
 
+def test_more_stages_than_rounds_says_which_stages_get_no_round(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    model, _ = load_model("tiny-bert", "classification", num_labels=3, seed=0)
+    make_algorithm(load_config(None, ["method.name=slt", "run.rounds=2"])).prepare(
+        model, "classification"
+    )
+    assert capsys.readouterr().err == ""  # two blocks, two rounds: a stage each
+    algorithm = make_algorithm(load_config(None, ["method.name=slt", "run.rounds=1"]))
+    algorithm.prepare(model, "classification")
+    assert [algorithm.stage_of(1)] == [0]
+    assert capsys.readouterr().err == (
+        "slt: 2 stages over run.rounds=1: the stage at block 1 gets no round "
+        "(method.stages=1 gives each stage one)\n"
+    )
+
+
 def test_validation_takes_leading_slices_only_for_slices_uploads() -> None:
     from fedfit.engine.validation import tensor_problem
 

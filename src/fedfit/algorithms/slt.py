@@ -57,6 +57,7 @@ from fedfit.algorithms.registry import register
 from fedfit.config import Config, ConfigError
 from fedfit.costs.spec import TrainSpec
 from fedfit.devices import Budget
+from fedfit.log import log
 from fedfit.models.narrow import narrowed
 from fedfit.models.structure import embeddings, transformer_layers
 from fedfit.payload import is_leading_slice, leading_region
@@ -106,6 +107,20 @@ class SuccessiveLayerTraining(Algorithm):
         blocks = len(self.groups) - 1
         if self.options.stages > blocks:
             raise ConfigError(f"method.stages: {self.options.stages} > the model's {blocks} blocks")
+        stages, rounds = len(self.stage_blocks()), self.config.run.rounds
+        if stages > rounds:
+            skipped = sorted(set(range(stages)) - {self.stage_of(r) for r in range(1, rounds + 1)})
+            which = ", ".join(str(self.stage_blocks()[k]) for k in skipped)
+            log(
+                f"slt: {stages} stages over run.rounds={rounds}: "
+                + (
+                    f"the stages at blocks {which} get"
+                    if len(skipped) > 1
+                    else f"the stage at block {which} gets"
+                )
+                + " no round "
+                f"(method.stages={rounds} gives each stage one)"
+            )
         allowed = {n for group in self.groups for n in group}
         for name, p in model.named_parameters():
             p.requires_grad_(name in allowed)
