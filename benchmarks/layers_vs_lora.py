@@ -95,7 +95,10 @@ COMMON = [
 # the grid; the long runs keep the grid's winner (a changed lr would mean rerunning them all)
 PROBE = {"layers": 3e-4, "lora": 1e-2}
 # --seeds K: these cells again with run.seed = 1 .. K-1 (partition, sampling and init change)
-REPLICATE_CELLS = (("1x", "minilm-l6", ("layers", "lora")),)
+REPLICATE_CELLS = (
+    ("1x", "minilm-l6", ("layers", "lora")),
+    ("het", "minilm-l6", ("layers", "lora")),
+)
 SWEEP = ["run.rounds=10", "run.eval_every=10"]
 LONG = ["run.rounds=30", "run.eval_every=5"]
 QUICK = ["model.max_length=32", "data.num_clients=12", "data.clients_per_round=3",
