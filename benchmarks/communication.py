@@ -21,6 +21,9 @@ local steps and batch, server FedAvg (lr 1):
   fedavg-fp32-fedadam and partial-1/4-4bit-fedadam (FedAdam, server lr 1e-3; -fedadam1e-2:
   1e-2). They do not set the default target.
 
+``--partial-lr`` gives the partial-* configurations their own client lr (each method at its own
+swept lr: benchmarks/communication_lr.py); ``--seed`` sets every run's run.seed.
+
 ``--configs`` adds others (fedavg-8bit, fedavg-4bit, partial-1/2-fp32, partial-1/4-fp32) to
 separate the effect of the subset from that of quantisation.
 
@@ -124,6 +127,7 @@ def make_config(name: str, args: argparse.Namespace) -> tuple[Any, list[str]]:
         f"run.output_dir={json.dumps(str(args.runs_dir))}",
         f"run.rounds={args.rounds}",
         f"run.eval_every={args.eval_every}",
+        f"run.seed={args.seed}",
         f"model.name={args.model}",
         f"model.max_length={args.max_length}",
         "data.name=shakespeare",
@@ -145,6 +149,8 @@ def make_config(name: str, args: argparse.Namespace) -> tuple[Any, list[str]]:
 
 
 def lr_of(name: str, args: argparse.Namespace) -> float:
+    if name.startswith("partial-") and args.partial_lr is not None:
+        return float(args.partial_lr)
     return {"lora": args.lora_lr, "lstm-fp32": args.lstm_lr}.get(name, args.lr)
 
 
@@ -265,7 +271,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{args['clients_per_round']} per round, {args['rounds']} rounds x "
         f"{args['local_steps']} local steps of batch {args['batch_size']} (max length "
         f"{args['max_length']}), client {args['optimizer']} lr {args['lr']:g} (lora "
-        f"{args['lora_lr']:g}, lstm {args['lstm_lr']:g}), server FedAvg lr 1 (-slrN rows: server "
+        f"{args['lora_lr']:g}, lstm {args['lstm_lr']:g}"
+        + (f", partial-* {args['partial_lr']:g}" if args.get("partial_lr") is not None else "")
+        + f"; run.seed {args.get('seed', 0)}), server FedAvg lr 1 (-slrN rows: server "
         "lr N; -fedadam rows: FedAdam, server lr 1e-3 (-fedadam1e-2: 1e-2), betas 0.9 / 0.99, "
         f"tau 1e-3). Perplexity on {args['eval_examples']} "
         f"held-out speeches, every {args['eval_every']} round(s). Quantised uploads: unbiased "
@@ -375,6 +383,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-4, help="client lr (3e-4)")
     parser.add_argument("--lora-lr", type=float, default=3e-3, help="client lr of lora (3e-3)")
     parser.add_argument("--lstm-lr", type=float, default=1e-3, help="client lr of lstm (1e-3)")
+    parser.add_argument("--partial-lr", type=float, help="client lr of partial-* (--lr)")
+    parser.add_argument("--seed", type=int, default=0, help="run.seed of every run (0)")
     parser.add_argument("--block", type=int, default=256, help="numbers per quantisation scale")
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS))
     parser.add_argument("--target", type=float, help="target perplexity (see docstring)")
@@ -432,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join([".venv/bin/python", "benchmarks/communication.py", *argv])
     keys = ("model", "rounds", "eval_every", "eval_examples", "num_clients", "clients_per_round",
             "local_steps", "batch_size", "max_length", "optimizer", "lr", "lora_lr", "lstm_lr",
-            "block",
+            "partial_lr", "seed", "block",
             "configs", "target")  # fmt: skip
     result: dict[str, Any] = {
         "command": command,
