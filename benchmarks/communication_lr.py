@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import communication
-from common import RESULTS, ROOT, log, write_outputs
+from cells import RUNS, pick
+from common import RESULTS, log, write_outputs
 from matplotlib.figure import Figure
 
 
@@ -30,7 +31,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="client lrs, comma-separated")
     parser.add_argument("--configs", default="fedavg-fp32,partial-1/4-4bit")
     parser.add_argument("--out", default=str(RESULTS / "communication_lr"))
-    parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench" / "communication_lr"))
+    parser.add_argument("--runs-dir", default=str(RUNS / "communication_lr"))
     parser.add_argument("--quick", action="store_true", help="smoke test: communication.py --quick")
     args = parser.parse_args(argv)
     args.lrs = [float(x) for x in args.lrs.split(",")]
@@ -101,22 +102,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     command = shlex.join([".venv/bin/python", "benchmarks/communication_lr.py", *argv])
     result: dict[str, Any] = {"command": command, "rounds": args.rounds, "lrs": args.lrs}
-    finals: dict[str, dict[str, float]] = {c: {} for c in args.configs}
+    points: dict[str, list[dict[str, Any]]] = {c: [] for c in args.configs}
     for lr in args.lrs:
         log(f"client lr {lr:g}")
         point = sweep_point(args, lr)
         result["pretrained_perplexity"] = point["pretrained_perplexity"]
         result["setting"] = point["args"]
         for row in point["rows"]:
-            finals[row["config"]][f"{lr:g}"] = row["final_perplexity"]
-        result["rows"] = [
-            {
-                "config": c,
-                "final": f,
-                "best_lr": float(min(f, key=f.__getitem__)) if f else None,
-            }
-            for c, f in finals.items()
-        ]
+            points[row["config"]].append({"lr": lr, **row})
+        result["rows"] = []
+        for config, runs in points.items():
+            best = pick(runs)  # lowest final eval loss: the lowest perplexity
+            result["rows"].append({
+                "config": config,
+                "final": {f"{r['lr']:g}": r["final_perplexity"] for r in runs},
+                "best_lr": None if best is None else best["lr"],
+            })  # fmt: skip
         write_outputs(result, Path(args.out), markdown, plot)
     print(markdown(result))
 

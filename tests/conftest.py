@@ -47,6 +47,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         name = item.nodeid
         if name.split("::")[0].endswith(_PROCESS_MODULES) or (
-            "test_readme_commands.py" in name and ("flower" in name or "ray" in name)
+            "test_readme_commands.py" in name and ("flower" in name or "--executor ray" in name)
         ):
             item.add_marker(pytest.mark.xdist_group("processes"))

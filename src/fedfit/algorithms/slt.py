@@ -107,18 +107,14 @@ class SuccessiveLayerTraining(Algorithm):
         blocks = len(self.groups) - 1
         if self.options.stages > blocks:
             raise ConfigError(f"method.stages: {self.options.stages} > the model's {blocks} blocks")
-        stages, rounds = len(self.stage_blocks()), self.config.run.rounds
-        if stages > rounds:
-            skipped = sorted(set(range(stages)) - {self.stage_of(r) for r in range(1, rounds + 1)})
-            which = ", ".join(str(self.stage_blocks()[k]) for k in skipped)
+        stage_blocks, rounds = self.stage_blocks(), self.config.run.rounds
+        used = {self.stage_of(r) for r in range(1, rounds + 1)}
+        skipped = [str(b) for k, b in enumerate(stage_blocks) if k not in used]
+        if skipped:
+            which = (f"the stages at blocks {', '.join(skipped)} get" if len(skipped) > 1
+                     else f"the stage at block {skipped[0]} gets")  # fmt: skip
             log(
-                f"slt: {stages} stages over run.rounds={rounds}: "
-                + (
-                    f"the stages at blocks {which} get"
-                    if len(skipped) > 1
-                    else f"the stage at block {which} gets"
-                )
-                + " no round "
+                f"slt: {len(stage_blocks)} stages over run.rounds={rounds}: {which} no round "
                 f"(method.stages={rounds} gives each stage one)"
             )
         allowed = {n for group in self.groups for n in group}
